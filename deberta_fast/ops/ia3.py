@@ -1,0 +1,32 @@
+"""IA³ linear: y = (x Wᵀ + b) ⊙ l, the projection scaled per output feature (bias scaled too, as in AdapterHub).
+
+Shapes: x [..., in], weight [out, in], bias [out] or None, scale l [out].
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from . import adapter_triton, dispatch
+
+OP_NAME = "ia3_linear"
+
+
+def ia3_linear_reference(x, weight, bias, scale):
+    return F.linear(x, weight, bias) * scale
+
+
+CANDIDATES = (
+    dispatch.Candidate("triton", "cuda", adapter_triton.ia3_linear_reasons),
+    dispatch.Candidate("reference", None, lambda *call: []),
+)
+_RUN = {"triton": adapter_triton.ia3_linear, "reference": ia3_linear_reference}
+
+
+def ia3_linear(x, weight, bias, scale, *, backend=None):
+    """IA³ linear (module docstring)."""
+    if scale.shape[-1] != weight.shape[0] or scale.numel() != weight.shape[0]:
+        raise ValueError(f"scale must have {weight.shape[0]} entries (one per output feature); got {tuple(scale.shape)}")
+    call = (x, weight, bias, scale)
+    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, x.device.type, *call)
+    return _RUN[chosen](*call)

@@ -1,0 +1,32 @@
+"""Install deberta_fast. Pure Python: the Triton kernels compile at first launch and the native CPU op
+(csrc/) compiles at first use with torch.utils.cpp_extension, against the torch already installed."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="deberta_fast",
+    version="0.1.0",
+    description="Kernel-accelerated, drop-in DeBERTa-v2/v3 with AdapterHub-compatible adapters",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["deberta_fast", "deberta_fast.*"]) + ["deberta_fast.triton_kernels"],
+    # The folder triton_kernels/ is installed under deberta_fast: the top-level name belongs to other packages.
+    package_dir={"deberta_fast.triton_kernels": "triton_kernels"},
+    package_data={"deberta_fast": ["csrc/*", "data/movie_reviews/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.1; platform_system == 'Linux'",
+        "transformers>=5.0,<6",
+        "sentencepiece",
+        "safetensors",
+        "huggingface_hub",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+    },
+)
