@@ -26,7 +26,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "accelerate"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
 )

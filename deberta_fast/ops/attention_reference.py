@@ -95,13 +95,13 @@ def disentangled_attention_reference(
         else:
             content = content.masked_fill(~mask.flip(-1), lowest)
     scores = torch.cat([scores[..., :prefix], content], dim=-1) if prefix else content
-    probs = torch.softmax(scores, dim=-1)
+    # Back to the original key order before dropout, so that the dropout mask is drawn over the same layout
+    # as transformers draws it: with the same seed both drop the same (query, key) pairs.
+    probs = _reverse_content(torch.softmax(scores, dim=-1), prefix, dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
-    out = torch.matmul(probs, value_rev)
-    if not output_attentions:
-        return out, None
-    return out, _reverse_content(probs, prefix, dim=-1)
+    out = torch.matmul(probs, value)
+    return out, (probs if output_attentions else None)
 
 
 def _fused_softmax_path(query, key_rev, value_rev, bias, token_mask, softmax_scale):
