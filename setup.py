@@ -1,7 +1,7 @@
 """Install deberta_fast. Pure Python: the Triton kernels compile at first launch and the native CPU op
 (csrc/) compiles at first use with torch.utils.cpp_extension, against the torch already installed."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="deberta_fast",
@@ -11,10 +11,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["deberta_fast", "deberta_fast.*"]) + ["deberta_fast.triton_kernels"],
+    packages=find_namespace_packages(include=["deberta_fast", "deberta_fast.*"]) + ["deberta_fast.triton_kernels"],
     # The folder triton_kernels/ is installed under deberta_fast: the top-level name belongs to other packages.
     package_dir={"deberta_fast.triton_kernels": "triton_kernels"},
-    package_data={"deberta_fast": ["csrc/*", "data/movie_reviews/*"]},
+    package_data={"deberta_fast.data.movie_reviews": ["*.jsonl", "*.txt", "*.md"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.5",
@@ -24,9 +24,11 @@ setup(
         "safetensors",
         "huggingface_hub",
         "numpy",
+        "tqdm",
     ],
+    entry_points={"console_scripts": ["deberta-fast = deberta_fast.cli:main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "accelerate", "tqdm"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
 )

@@ -7,13 +7,11 @@ Set DEBERTA_FAST_BENCH_SHAPES="512:12,2048:2" for the issue's full shapes.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_model  # noqa: E402
+from deberta_fast.benchmark import model as bench_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = bench_model.parse_shapes(os.environ.get("DEBERTA_FAST_BENCH_SHAPES", "256:2,512:2"))

@@ -1,6 +1,6 @@
 """nn.Module drop-ins for transformers' DeBERTa-v2 family."""
 
-from .attention import DisentangledSelfAttention
+from .attention import DisentangledSelfAttention, fast_attention_from
 from .base import DebertaV2Model
 from .encoder import DebertaV2Encoder
 from .heads import (
@@ -21,6 +21,7 @@ __all__ = [
     "DebertaV2ForTokenClassification",
     "DebertaV2Model",
     "DisentangledSelfAttention",
+    "fast_attention_from",
     "patch_deberta",
     "set_attention_backend",
 ]

@@ -21,6 +21,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 
+def results_dir() -> str:
+    """bench/results of the source tree when run from one, else ./bench_results."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.isdir(os.path.join(repo, "bench")):
+        return os.path.join(repo, "bench", "results")
+    return os.path.abspath("bench_results")
+
+
 def git_revision() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -116,3 +124,39 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def table_png(rows: Sequence[dict], columns: Sequence[str], path: str) -> str | None:
+    """Median times as grouped bars, one panel per (case, mode); None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = list(dict.fromkeys((row["case"], row.get("mode", "")) for row in rows))
+    figure, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False)
+    for axis, (case, mode) in zip(axes[:, 0], panels):
+        selected = [r for r in rows if r["case"] == case and r.get("mode", "") == mode and r.get("median_s")]
+        shapes = list(dict.fromkeys(_shape_label(r) for r in selected))
+        providers = list(dict.fromkeys(r["provider"] for r in selected))
+        width = 0.8 / max(1, len(providers))
+        for index, provider in enumerate(providers):
+            values = {(_shape_label(r)): r["median_s"] for r in selected if r["provider"] == provider}
+            xs = [i + index * width for i, s in enumerate(shapes) if s in values]
+            axis.bar(xs, [values[s] for s in shapes if s in values], width=width, label=provider)
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes)
+        axis.set_yscale("log")
+        axis.set_ylabel("median s")
+        axis.set_title(f"{case} {mode}")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def _shape_label(row: dict) -> str:
+    parts = [f"{key}={row[key]}" for key in ("length", "layers", "tokens") if row.get(key) not in (None, "")]
+    return " ".join(parts)

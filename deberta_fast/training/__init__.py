@@ -1,0 +1,1 @@
+"""Fine-tuning runs: data, the embedded default model and tokenizer, masked-LM warm-up and the training loop."""
