@@ -35,7 +35,8 @@ def add_arguments(parser) -> None:
                         help="tokens of the lora / bottleneck cases (default 8192; --quick 1024)")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the attention and model cases")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median kept)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                        help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--quick", action="store_true", help="small shapes, finishes in about a minute on a CPU")
     parser.add_argument("--csv", default=None, help="CSV path (default bench/results/suite_<device>.csv)")
     parser.add_argument("--png", default=None, help="PNG path of the table (default next to the CSV)")
