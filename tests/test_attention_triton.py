@@ -529,3 +529,35 @@ def test_unspecialized_arguments_are_kernel_parameters():
     for kernel, names in kernels:
         params = inspect.signature(kernel.fn).parameters
         assert set(names) <= set(params), set(names) - set(params)
+
+
+def test_gpu_bench_script_plumbing(tmp_path):
+    """bench/gpu_attention.py without a GPU: arguments, target evaluation, CSV (atomic) and table."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_attention.py"
+    spec = importlib.util.spec_from_file_location("gpu_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--dry-run", "--lengths", "24", "40"])
+    assert args.lengths == [24, 40] and args.tokens == 80
+    assert bench.parse_args([]).lengths == [512, 2048, 8192]
+    results = bench.Results({"gpu": "test", "torch": torch.__version__})
+    for provider, level, ms, mib in (("ours", "op", 1.0, 10.0), ("sdpa_flash", "op", 0.5, 9.0),
+                                     ("ours", "layer", 2.0, 20.0), ("transformers_eager", "layer", 30.0, 90.0)):
+        for length in (24, 40):
+            results.add(section="timing", provider=provider, level=level, mode="fwd+bwd", length=length,
+                        metric="median time", value=str(ms), unit="ms", status="ok")
+            results.add(section="timing", provider=provider, level=level, mode="fwd+bwd", length=length,
+                        metric="peak memory", value=str(mib), unit="MiB", status="ok")
+    bench.evaluate_targets(results, [24, 40])
+    targets = {r["metric"]: r for r in results.rows if r["section"] == "target"}
+    assert targets["fwd+bwd L=40: >= 10x faster than transformers eager (layer)"]["status"] == "met"
+    assert targets["fwd+bwd L=24: within 2.5x of dense SDPA-FLASH (op)"]["value"] == "2.00"
+    assert targets["fwd+bwd L=40: >= 1.5x faster than disentangled-flash (layer)"]["status"] == "not measured"
+    out = tmp_path / "r.csv"
+    results.write(out)
+    text = out.read_text()
+    assert text.startswith("section,provider") and "gpu" in text.splitlines()[0] and "test" in text
+    bench.print_table(results)
