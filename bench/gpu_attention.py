@@ -185,8 +185,6 @@ def make_op_inputs(batch, heads, length, head_dim, spec, dtype, device, seed=0, 
 
 
 def check_slots(results, device, dry):
-    import torch
-
     from deberta_fast.ops.attention_triton import kernel_distance_slots
     from deberta_fast.ops.positions import RelativePositionSpec, distance_slot_table
 
@@ -288,8 +286,6 @@ def check_correctness(results, device, dry):
 
 def bench_ms(fn, device, rep_ms, grad_to_none=None):
     """Median milliseconds of fn()."""
-    import torch
-
     if device.type == "cuda":
         import triton.testing
 
@@ -335,7 +331,7 @@ def time_provider(results, provider, level, length, batch, heads, head_dim, dtyp
             fwd = bench_ms(lambda: forward(*leaves), device, rep_ms)
         out = forward(*leaves)
         bwd = bench_ms(lambda: out.backward(grad, retain_graph=True), device, rep_ms, grad_to_none=to_none)
-        del out
+        out = None  # free the graph before the next measurement
 
         def step():
             forward(*leaves).backward(grad)
@@ -411,7 +407,7 @@ def run_timing(results, device, dry, peers, rep_ms):
         else:
             results.add(section="timing", provider="flashdeberta", level="op", length=length,
                         status="unavailable", note=fd if isinstance(fd, str) else "CUDA only")
-        del leaves, grad
+        leaves = grad = None
 
         # ---- layer level: hidden states -> context, same weights everywhere ----
         config = hf_config(heads, head_dim, buckets, max_rel)
@@ -436,7 +432,7 @@ def run_timing(results, device, dry, peers, rep_ms):
         time_provider(results, "transformers_eager", "layer",
                       forward=lambda x, r: reference(x, pair_mask, relative_pos=relative_pos, rel_embeddings=r)[0],
                       leaves=[hidden, rel], grad=grad, extra_grad_tensors=list(reference.parameters()), **layer_shape)
-        del pair_mask, relative_pos
+        pair_mask = relative_pos = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -459,7 +455,7 @@ def run_timing(results, device, dry, peers, rep_ms):
                 results.add(section="timing", provider=name, level="layer", length=length, status="error",
                             note=f"{type(error).__name__}: {error}"[:300])
             layer = None
-        del reference, ours_layer, hidden, rel, grad
+        reference = ours_layer = hidden = rel = grad = None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 128
 # Sizes and positional scalars are runtime values: no recompilation per length (Triton would otherwise
 # specialise integers equal to 1 or divisible by 16).
 NO_SPECIALIZE_FWD = ["H", "L", "P", "HEAD_DIM", "S", "MID", "SAT_HI", "SAT_LO"]
