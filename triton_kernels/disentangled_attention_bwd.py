@@ -1,0 +1,611 @@
+"""Backward kernels of DeBERTa-v2 disentangled attention: no atomics, deterministic, fp32 accumulation.
+
+With p = softmax probabilities (recomputed from the saved LSE), keep/(1 - dropout_p) the dropout factor
+z (regenerated from the seed), s = softmax_scale and delta_i = dO_i·O_i:
+
+    dV_k   = Σ_i p_ik z_ik dO_i
+    dS_ik  = s · p_ik (z_ik dO_i·V_k - delta_i)           (0 for masked pairs, so no gradient through them)
+    dQ_i   = Σ_k dS_ik (K_k + [c2p] Pk[slot(i - j)])
+    dK_k   = Σ_i dS_ik (Q_i + [p2c] Pq[slot(i - j)])        (content keys; prefix keys without the Pq term)
+    dPk[r] = Σ_{(i, j): slot(i - j) = r} dS_ij Q_i,   dPq[r] = Σ_{(i, j): slot(i - j) = r} dS_ij K_j
+
+Ownership instead of atomics: a query-stationary program owns dQ and delta of its query blocks and the c2p
+gradient they produce; a key-stationary program owns dK, dV of its key blocks and their p2c gradient. The
+positional gradients go into a float32 partial [R, D] per program (R = slots reachable at this length): per
+tile the distance window's rows are folded onto distinct slots (a one-hot ``tl.dot`` where slots repeat) and
+added to the partial by the program itself, in a fixed order; saturated tiles add their row / column sums to
+two register vectors instead. The partials are summed by the launcher in a fixed order (and over the batch when
+the tables broadcast over it). Each program walks a fixed list of (batch, block) items, so the number of
+partials stays near a few per SM whatever B and L are.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    NO_SPECIALIZE_BWD,
+    LOG2E,
+    block_d,
+    device_programs,
+    dropout_keep,
+    interpreting,
+    kernel_position_args,
+    load_rows,
+    load_vec,
+    mask_arg,
+    mm,
+    position_constants,
+    reachable_slots,
+    table_strides,
+    window_size,
+    window_slots,
+)
+from .disentangled_attention_fwd import MODE_SAT_HI, MODE_SAT_LO, MODE_WINDOW, content_tile_ranges, masked_scores
+
+
+@triton.jit
+def _add_rows_to_partial(part_base, slot_rows, ok, val, SLOT_LO, BLOCK_D: tl.constexpr):
+    """partial[slot_rows - SLOT_LO, :] += val for distinct slot_rows (ok masks rows outside the partial).
+
+    Only this program touches its partial; the barrier orders this store before the next tile's load.
+    """
+    dcol = tl.arange(0, BLOCK_D)
+    ptrs = part_base + (slot_rows - SLOT_LO)[:, None].to(tl.int64) * BLOCK_D + dcol[None, :]
+    old = tl.load(ptrs, mask=ok[:, None], other=0.0, volatile=True)
+    tl.store(ptrs, old + val, mask=ok[:, None])
+    tl.debug_barrier()
+
+
+@triton.jit
+def _add_vec_to_partial(part_base, slot, val, SLOT_LO, SLOT_HI, BLOCK_D: tl.constexpr):
+    """partial[slot - SLOT_LO, :] += val (skipped when the slot lies outside the partial)."""
+    dcol = tl.arange(0, BLOCK_D)
+    row = slot + dcol * 0
+    ok = (row >= SLOT_LO) & (row <= SLOT_HI)
+    ptrs = part_base + (row - SLOT_LO).to(tl.int64) * BLOCK_D + dcol
+    old = tl.load(ptrs, mask=ok, other=0.0, volatile=True)
+    tl.store(ptrs, old + val, mask=ok)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _fold_onto_slots(dwin, slots, WIN: tl.constexpr, PREC: tl.constexpr, AXIS: tl.constexpr):
+    """Sum the window entries (axis AXIS of dwin, indexed by w) that share a slot, onto u = slot - min(slots).
+
+    Returns (folded, smin); the window is monotone, so u covers [0, max - min]. Identity when slots are distinct.
+    """
+    smin = tl.min(slots, 0)
+    smax = tl.max(slots, 0)
+    if smax - smin == WIN - 1:
+        folded = dwin.to(tl.float32)
+    else:
+        u = tl.arange(0, WIN)
+        if AXIS == 1:
+            # dwin [R, WIN(w)] @ onehot [WIN(w), WIN(u)]
+            onehot = ((slots[:, None] - smin) == u[None, :]).to(dwin.dtype)
+            folded = mm(dwin, onehot, PREC)
+        else:
+            # onehot [WIN(u), WIN(w)] @ dwin [WIN(w), C]
+            onehot = ((slots[None, :] - smin) == u[:, None]).to(dwin.dtype)
+            folded = mm(onehot, dwin, PREC)
+    return folded, smin, smax
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# query-stationary: dQ, delta, dPk
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_content_range(dq, rs, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, bh, seed, c_row, pq_sat,
+                      k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
+                      part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
+                      SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep,
+                      MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr,
+                      HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr):
+    rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+    # dC[a, w] = dS[a, b] with b = a + BN - 1 - w: the inverse of the forward gather, itself a gather.
+    inv = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1) - tl.arange(0, WIN)[None, :]
+    inv_ok = (inv >= 0) & (inv < BLOCK_N)
+    inv = tl.minimum(tl.maximum(inv, 0), BLOCK_N - 1)
+    for t in range(t_start, t_stop):
+        n0 = t * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_in = cols < L
+        k = load_rows(k_base, P + cols, col_in, skl, skd, dcol, HEAD_DIM, INTERPRET)
+        v = load_rows(v_base, P + cols, col_in, svl, svd, dcol, HEAD_DIM, INTERPRET)
+        if HAS_MASK:
+            col_ok = (tl.load(mask_base + cols * sml, mask=col_in, other=0) != 0) & col_in
+        else:
+            col_ok = col_in
+        s = mm(q, tl.trans(k), PREC)
+        if MODE == MODE_WINDOW:
+            if HAS_C2P or HAS_P2C:
+                slots = window_slots(m0, n0, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET,
+                                     BLOCK_N, WIN)
+            if HAS_C2P:
+                pkw = load_rows(pk_base, slots, slots >= 0, spks, spkd, dcol, HEAD_DIM, INTERPRET).to(q.dtype)
+                s += tl.gather(mm(q, tl.trans(pkw), PREC), rel, 1)
+            if HAS_P2C:
+                pqw = load_rows(pq_base, slots, slots >= 0, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
+                s += tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
+        else:
+            if HAS_C2P:
+                s += c_row[:, None]
+            if HAS_P2C:
+                s += tl.sum(k.to(tl.float32) * pq_sat[None, :], 1)[None, :]
+        s, valid = masked_scores(s * qk_scale, row_ok, col_ok, col_in, P)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = mm(do, tl.trans(v), PREC)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, P + cols, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = tl.where(valid, p * (dp - delta[:, None]), 0.0) * softmax_scale
+        dq += mm(ds.to(k.dtype), k, PREC)
+        if HAS_C2P:
+            if MODE == MODE_WINDOW:
+                dc = tl.where(inv_ok, tl.gather(ds, inv, 1), 0.0)
+                dq += mm(dc.to(pkw.dtype), pkw, PREC)
+                dcu, smin, smax = _fold_onto_slots(dc.to(q.dtype), slots, WIN, PREC, 1)
+                dpk = mm(tl.trans(dcu.to(q.dtype)), q, PREC)
+                urows = smin + tl.arange(0, WIN)
+                _add_rows_to_partial(part_base, urows, (urows <= smax) & (urows >= SLOT_LO) & (urows <= SLOT_HI),
+                                     dpk, SLOT_LO, BLOCK_D)
+            else:
+                rs += tl.sum(ds, 1)
+    return dq, rs
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE_BWD)
+def _disentangled_bwd_dq_kernel(
+    Q, K, V, PK, PQ, MASK, SEED, OUT, DOUT, LSE, DELTA, DQ, PART,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+    spkb, spkh, spks, spkd, spqb, spqh, spqs, spqd, sob, soh, sol, sod, sdob, sdoh, sdol, sdod,
+    sdqb, sdqh, sdql, sdqd, smb, sml,
+    B, H, L, P, HEAD_DIM, B_PER_TABLE, NUM_GROUPS,
+    S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SAT_HI, SAT_LO, SLOT_LO, SLOT_HI,
+    qk_scale, softmax_scale, dropout_p, inv_keep,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr, HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr,
+):
+    g = tl.program_id(0)
+    tb_h = tl.program_id(1)  # (table batch, head)
+    tb = (tb_h // H).to(tl.int64)
+    h = (tb_h % H).to(tl.int64)
+    dcol = tl.arange(0, BLOCK_D)
+    pk_base = PK + tb * spkb + h * spkh
+    pq_base = PQ + tb * spqb + h * spqh
+    part_base = PART + (tb_h.to(tl.int64) * NUM_GROUPS + g) * (SLOT_HI - SLOT_LO + 1) * BLOCK_D
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    HAS_POS: tl.constexpr = HAS_C2P or HAS_P2C
+    zero_row = tl.zeros([BLOCK_M], tl.float32)
+    zero_vec = tl.zeros([BLOCK_D], tl.float32)
+    pk_hi = zero_vec
+    pk_lo = zero_vec
+    pq_hi = zero_vec
+    pq_lo = zero_vec
+    if HAS_C2P:
+        pk_hi = load_vec(pk_base + (2 * S - 1) * spks, spkd, HEAD_DIM, BLOCK_D)
+        pk_lo = load_vec(pk_base, spkd, HEAD_DIM, BLOCK_D)
+    if HAS_P2C:
+        pq_hi = load_vec(pq_base + (2 * S - 1) * spqs, spqd, HEAD_DIM, BLOCK_D)
+        pq_lo = load_vec(pq_base, spqd, HEAD_DIM, BLOCK_D)
+    dpk_hi = zero_vec
+    dpk_lo = zero_vec
+
+    n_mblocks = tl.cdiv(L, BLOCK_M)
+    for item in range(g, B_PER_TABLE * n_mblocks, NUM_GROUPS):
+        b = tb * B_PER_TABLE + item // n_mblocks
+        bh = (b * H + h).to(tl.int32)
+        m0 = (item % n_mblocks) * BLOCK_M
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_in = rows < L
+        q = load_rows(Q + b * sqb + h * sqh, rows, row_in, sql, sqd, dcol, HEAD_DIM, INTERPRET)
+        do = load_rows(DOUT + b * sdob + h * sdoh, rows, row_in, sdol, sdod, dcol, HEAD_DIM, INTERPRET)
+        o = load_rows(OUT + b * sob + h * soh, rows, row_in, sol, sod, dcol, HEAD_DIM, INTERPRET)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + (b * H + h) * L + rows, delta, mask=row_in)
+        lse = tl.load(LSE + (b * H + h) * L + rows, mask=row_in, other=float("inf"))
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        mask_base = MASK + b * smb
+        if HAS_MASK:
+            row_ok = (tl.load(mask_base + rows * sml, mask=row_in, other=0) != 0) & row_in
+        else:
+            row_ok = row_in
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        for n0 in range(0, P, BLOCK_N):
+            kc = n0 + tl.arange(0, BLOCK_N)
+            k_in = kc < P
+            k = load_rows(k_base, kc, k_in, skl, skd, dcol, HEAD_DIM, INTERPRET)
+            v = load_rows(v_base, kc, k_in, svl, svd, dcol, HEAD_DIM, INTERPRET)
+            valid = row_in[:, None] & k_in[None, :]
+            p = tl.math.exp2(tl.where(valid, mm(q, tl.trans(k), PREC) * qk_scale, float("-inf")) - lse[:, None])
+            dp = mm(do, tl.trans(v), PREC)
+            if DROPOUT:
+                keep = dropout_keep(seed, bh, rows, kc, dropout_p)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = tl.where(valid, p * (dp - delta[:, None]), 0.0) * softmax_scale
+            dq += mm(ds.to(k.dtype), k, PREC)
+
+        n_hi, t_lo, n_tiles = content_tile_ranges(m0, L, SAT_HI, SAT_LO, HAS_POS, BLOCK_M, BLOCK_N)
+        c_hi = zero_row
+        c_lo = zero_row
+        if HAS_C2P:
+            c_hi = tl.sum(q.to(tl.float32) * pk_hi[None, :], 1)
+            c_lo = tl.sum(q.to(tl.float32) * pk_lo[None, :], 1)
+        rs_hi = zero_row
+        rs_lo = zero_row
+        dq, rs_hi = _dq_content_range(
+            dq, rs_hi, q, do, lse, delta, 0, n_hi, m0, rows, row_ok, bh, seed, c_hi, pq_hi,
+            k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
+            part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
+            qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_HI, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
+            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
+        dq, rs_hi = _dq_content_range(
+            dq, rs_hi, q, do, lse, delta, n_hi, t_lo, m0, rows, row_ok, bh, seed, zero_row, zero_vec,
+            k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
+            part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
+            qk_scale, softmax_scale, dropout_p, inv_keep, MODE_WINDOW, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
+            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
+        dq, rs_lo = _dq_content_range(
+            dq, rs_lo, q, do, lse, delta, t_lo, n_tiles, m0, rows, row_ok, bh, seed, c_lo, pq_lo,
+            k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
+            part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
+            qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_LO, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
+            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
+        if HAS_C2P:
+            dq += rs_hi[:, None] * pk_hi[None, :] + rs_lo[:, None] * pk_lo[None, :]
+            dpk_hi += tl.sum(rs_hi[:, None] * q.to(tl.float32), 0)
+            dpk_lo += tl.sum(rs_lo[:, None] * q.to(tl.float32), 0)
+        dq_ptrs = DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdql + dcol[None, :] * sdqd
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_in[:, None] & (dcol[None, :] < HEAD_DIM))
+
+    if HAS_C2P:
+        _add_vec_to_partial(part_base, 2 * S - 1, dpk_hi, SLOT_LO, SLOT_HI, BLOCK_D)
+        _add_vec_to_partial(part_base, 0, dpk_lo, SLOT_LO, SLOT_HI, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# key-stationary: dK, dV, dPq
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkv_content_range(dk, dv, cs, k, v, t_start, t_stop, n0, cols, col_ok, col_in, b, h, bh, seed, kc_sat, pk_sat,
+                       q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd,
+                       mask_base, sml, LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM,
+                       S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
+                       qk_scale, softmax_scale, dropout_p, inv_keep,
+                       MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr,
+                       HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr):
+    rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+    # dP[w, b] = dS[a, b] with a = w + b - (BN - 1): the inverse of the forward gather along axis 0.
+    inv = tl.arange(0, WIN)[:, None] + tl.arange(0, BLOCK_N)[None, :] - (BLOCK_N - 1)
+    inv_ok = (inv >= 0) & (inv < BLOCK_M)
+    inv = tl.minimum(tl.maximum(inv, 0), BLOCK_M - 1)
+    for t in range(t_start, t_stop):
+        m0 = t * BLOCK_M
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_in = rows < L
+        q = load_rows(q_base, rows, row_in, sql, sqd, dcol, HEAD_DIM, INTERPRET)
+        do = load_rows(do_base, rows, row_in, sdol, sdod, dcol, HEAD_DIM, INTERPRET)
+        lse = tl.load(LSE + (b * H + h) * L + rows, mask=row_in, other=float("inf"))
+        delta = tl.load(DELTA + (b * H + h) * L + rows, mask=row_in, other=0.0)
+        if HAS_MASK:
+            row_ok = (tl.load(mask_base + rows * sml, mask=row_in, other=0) != 0) & row_in
+        else:
+            row_ok = row_in
+        s = mm(q, tl.trans(k), PREC)
+        if MODE == MODE_WINDOW:
+            if HAS_C2P or HAS_P2C:
+                slots = window_slots(m0, n0, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET,
+                                     BLOCK_N, WIN)
+            if HAS_C2P:
+                pkw = load_rows(pk_base, slots, slots >= 0, spks, spkd, dcol, HEAD_DIM, INTERPRET).to(q.dtype)
+                s += tl.gather(mm(q, tl.trans(pkw), PREC), rel, 1)
+            if HAS_P2C:
+                pqw = load_rows(pq_base, slots, slots >= 0, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
+                s += tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
+        else:
+            if HAS_C2P:
+                s += tl.sum(q.to(tl.float32) * pk_sat[None, :], 1)[:, None]
+            if HAS_P2C:
+                s += kc_sat[None, :]
+        s, valid = masked_scores(s * qk_scale, row_ok, col_ok, col_in, P)
+        p = tl.where(row_in[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = mm(do, tl.trans(v), PREC)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, P + cols, dropout_p)
+            dv += mm(tl.trans(tl.where(keep, p * inv_keep, 0.0).to(do.dtype)), do, PREC)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            dv += mm(tl.trans(p.to(do.dtype)), do, PREC)
+        ds = tl.where(valid, p * (dp - delta[:, None]), 0.0) * softmax_scale
+        dk += mm(tl.trans(ds.to(q.dtype)), q, PREC)
+        if HAS_P2C:
+            if MODE == MODE_WINDOW:
+                dpw = tl.where(inv_ok, tl.gather(ds, inv, 0), 0.0)
+                dk += mm(tl.trans(dpw.to(pqw.dtype)), pqw, PREC)
+                dpu, smin, smax = _fold_onto_slots(dpw.to(k.dtype), slots, WIN, PREC, 0)
+                dpq = mm(dpu.to(k.dtype), k, PREC)
+                urows = smin + tl.arange(0, WIN)
+                _add_rows_to_partial(part_base, urows, (urows <= smax) & (urows >= SLOT_LO) & (urows <= SLOT_HI),
+                                     dpq, SLOT_LO, BLOCK_D)
+            else:
+                cs += tl.sum(ds, 0)
+    return dk, dv, cs
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE_BWD)
+def _disentangled_bwd_dkv_kernel(
+    Q, K, V, PK, PQ, MASK, SEED, DOUT, LSE, DELTA, DK, DV, PART,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+    spkb, spkh, spks, spkd, spqb, spqh, spqs, spqd, sdob, sdoh, sdol, sdod,
+    sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, smb, sml,
+    B, H, L, P, HEAD_DIM, B_PER_TABLE, NUM_GROUPS,
+    S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SAT_HI, SAT_LO, SLOT_LO, SLOT_HI,
+    qk_scale, softmax_scale, dropout_p, inv_keep,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr, HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr,
+):
+    g = tl.program_id(0)
+    tb_h = tl.program_id(1)
+    tb = (tb_h // H).to(tl.int64)
+    h = (tb_h % H).to(tl.int64)
+    dcol = tl.arange(0, BLOCK_D)
+    pk_base = PK + tb * spkb + h * spkh
+    pq_base = PQ + tb * spqb + h * spqh
+    part_base = PART + (tb_h.to(tl.int64) * NUM_GROUPS + g) * (SLOT_HI - SLOT_LO + 1) * BLOCK_D
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    HAS_POS: tl.constexpr = HAS_C2P or HAS_P2C
+    zero_col = tl.zeros([BLOCK_N], tl.float32)
+    zero_vec = tl.zeros([BLOCK_D], tl.float32)
+    pk_hi = zero_vec
+    pk_lo = zero_vec
+    pq_hi = zero_vec
+    pq_lo = zero_vec
+    if HAS_C2P:
+        pk_hi = load_vec(pk_base + (2 * S - 1) * spks, spkd, HEAD_DIM, BLOCK_D)
+        pk_lo = load_vec(pk_base, spkd, HEAD_DIM, BLOCK_D)
+    if HAS_P2C:
+        pq_hi = load_vec(pq_base + (2 * S - 1) * spqs, spqd, HEAD_DIM, BLOCK_D)
+        pq_lo = load_vec(pq_base, spqd, HEAD_DIM, BLOCK_D)
+    dpq_hi = zero_vec
+    dpq_lo = zero_vec
+
+    n_prefix_blocks = tl.cdiv(P, BLOCK_N)
+    n_blocks = n_prefix_blocks + tl.cdiv(L, BLOCK_N)
+    n_mtiles = tl.cdiv(L, BLOCK_M)
+    for item in range(g, B_PER_TABLE * n_blocks, NUM_GROUPS):
+        b = tb * B_PER_TABLE + item // n_blocks
+        bh = (b * H + h).to(tl.int32)
+        blk = item % n_blocks
+        q_base = Q + b * sqb + h * sqh
+        do_base = DOUT + b * sdob + h * sdoh
+        mask_base = MASK + b * smb
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        is_prefix = blk < n_prefix_blocks
+        n0 = (blk - n_prefix_blocks) * BLOCK_N  # content block start (meaningless for a prefix block)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kidx = tl.where(is_prefix, blk * BLOCK_N + tl.arange(0, BLOCK_N), P + cols)
+        k_in = tl.where(is_prefix, kidx < P, cols < L)
+        k = load_rows(K + b * skb + h * skh, kidx, k_in, skl, skd, dcol, HEAD_DIM, INTERPRET)
+        v = load_rows(V + b * svb + h * svh, kidx, k_in, svl, svd, dcol, HEAD_DIM, INTERPRET)
+        if is_prefix:
+            for t in range(0, n_mtiles):
+                rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_in = rows < L
+                q = load_rows(q_base, rows, row_in, sql, sqd, dcol, HEAD_DIM, INTERPRET)
+                do = load_rows(do_base, rows, row_in, sdol, sdod, dcol, HEAD_DIM, INTERPRET)
+                lse = tl.load(LSE + (b * H + h) * L + rows, mask=row_in, other=float("inf"))
+                delta = tl.load(DELTA + (b * H + h) * L + rows, mask=row_in, other=0.0)
+                valid = row_in[:, None] & k_in[None, :]
+                s = tl.where(valid, mm(q, tl.trans(k), PREC) * qk_scale, float("-inf"))
+                p = tl.math.exp2(s - lse[:, None])
+                dp = mm(do, tl.trans(v), PREC)
+                if DROPOUT:
+                    keep = dropout_keep(seed, bh, rows, kidx, dropout_p)
+                    dv += mm(tl.trans(tl.where(keep, p * inv_keep, 0.0).to(do.dtype)), do, PREC)
+                    dp = tl.where(keep, dp * inv_keep, 0.0)
+                else:
+                    dv += mm(tl.trans(p.to(do.dtype)), do, PREC)
+                ds = tl.where(valid, p * (dp - delta[:, None]), 0.0) * softmax_scale
+                dk += mm(tl.trans(ds.to(q.dtype)), q, PREC)
+        else:
+            if HAS_MASK:
+                col_ok = (tl.load(mask_base + cols * sml, mask=k_in, other=0) != 0) & k_in
+            else:
+                col_ok = k_in
+            # Query tiles of this key block: [0, c_lo) saturated low, [c_lo, c_hi) band, [c_hi, n) high.
+            if HAS_POS:
+                z = n0 - (BLOCK_M - 1) + SAT_LO
+                c_lo = tl.where(z >= 0, tl.maximum(z, 0) // BLOCK_M + 1, 0)
+                c_lo = tl.minimum(c_lo, n_mtiles)
+                w = n0 + (BLOCK_N - 1) + SAT_HI
+                c_hi = (w + BLOCK_M - 1) // BLOCK_M
+                c_hi = tl.minimum(tl.maximum(c_hi, c_lo), n_mtiles)
+            else:
+                c_lo = n_mtiles * 0
+                c_hi = n_mtiles
+            kc_hi = zero_col
+            kc_lo = zero_col
+            if HAS_P2C:
+                kc_hi = tl.sum(k.to(tl.float32) * pq_hi[None, :], 1)
+                kc_lo = tl.sum(k.to(tl.float32) * pq_lo[None, :], 1)
+            cs_hi = zero_col
+            cs_lo = zero_col
+            dk, dv, cs_lo = _dkv_content_range(
+                dk, dv, cs_lo, k, v, 0, c_lo, n0, cols, col_ok, k_in, b, h, bh, seed, kc_lo, pk_lo,
+                q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
+                LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
+                SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_LO, HAS_C2P, HAS_P2C,
+                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
+            dk, dv, cs_lo = _dkv_content_range(
+                dk, dv, cs_lo, k, v, c_lo, c_hi, n0, cols, col_ok, k_in, b, h, bh, seed, zero_col, zero_vec,
+                q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
+                LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
+                SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_WINDOW, HAS_C2P, HAS_P2C,
+                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
+            dk, dv, cs_hi = _dkv_content_range(
+                dk, dv, cs_hi, k, v, c_hi, n_mtiles, n0, cols, col_ok, k_in, b, h, bh, seed, kc_hi, pk_hi,
+                q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
+                LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
+                SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_HI, HAS_C2P, HAS_P2C,
+                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
+            if HAS_P2C:
+                dk += cs_hi[:, None] * pq_hi[None, :] + cs_lo[:, None] * pq_lo[None, :]
+                dpq_hi += tl.sum(cs_hi[:, None] * k.to(tl.float32), 0)
+                dpq_lo += tl.sum(cs_lo[:, None] * k.to(tl.float32), 0)
+        out_mask = k_in[:, None] & (dcol[None, :] < HEAD_DIM)
+        dk_ptrs = DK + b * sdkb + h * sdkh + kidx[:, None].to(tl.int64) * sdkl + dcol[None, :] * sdkd
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_mask)
+        dv_ptrs = DV + b * sdvb + h * sdvh + kidx[:, None].to(tl.int64) * sdvl + dcol[None, :] * sdvd
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+    if HAS_P2C:
+        _add_vec_to_partial(part_base, 2 * S - 1, dpq_hi, SLOT_LO, SLOT_HI, BLOCK_D)
+        _add_vec_to_partial(part_base, 0, dpq_lo, SLOT_LO, SLOT_HI, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def backward_config(length: int, head_dim: int, interpret: bool) -> dict:
+    """Tile sizes. Untuned on GPU (no device in the session that wrote them): 32 x 32 tiles keep the live set
+    (two 64-slot windows, their scores, the one-hot fold) small enough for registers. One pipeline stage: the
+    partial read-modify-write of a tile must not be prefetched before the previous tile's store. The interpreter
+    takes 64 x 64 tiles (fewer Python-level steps); the tests cover 16, 32 and 64."""
+    if interpret:
+        block = 64 if length > 32 else (32 if length > 16 else 16)
+        return dict(BLOCK_M=block, BLOCK_N=block, num_warps=1, num_stages=1)
+    block = 32 if length > 16 else 16
+    return dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
+
+
+def _groups(items: int, tables_heads: int, programs: int) -> int:
+    return max(1, min(items, -(-programs // tables_heads)))
+
+
+def _reduce_partial(part, tables, heads, groups, lo, hi, table, head_dim):
+    """[T·H·G, R, BD] float32 partials -> gradient shaped like ``table`` [1 or T, H, 2S, D] in its dtype.
+
+    Fixed-order sums over the groups, and over the batch when the table broadcasts over it.
+    """
+    summed = part.view(tables, heads, groups, hi - lo + 1, part.shape[-1]).sum(2)[..., :head_dim]
+    if table.shape[0] != tables:
+        summed = summed.sum(0, keepdim=True)
+    full = torch.zeros(table.shape[0], heads, table.shape[2], head_dim, dtype=torch.float32, device=part.device)
+    full[:, :, lo : hi + 1] = summed
+    return full.to(table.dtype)
+
+
+def disentangled_attention_backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pos_key: torch.Tensor | None,
+    pos_query: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    c2p: bool,
+    p2c: bool,
+    position_buckets: int,
+    max_relative_positions: int,
+    softmax_scale: float,
+    dropout_p: float,
+    num_prefix_keys: int,
+    allow_tf32: bool = False,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    programs: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the two backward kernels; returns (dq, dk, dv, dpk, dpq) shaped like their inputs (dpk / dpq None
+    when the term is off). dq / dk / dv are transposed views of [B, L, H, D] buffers.
+
+    ``programs``: how many programs each kernel spreads its (batch, block) items over (default: by device).
+    """
+    batch, heads, length, head_dim = query.shape
+    num_keys = key.shape[2]
+    device = query.device
+    interpret = interpreting()
+    config = backward_config(length, head_dim, interpret)
+    bm = block_m or config["BLOCK_M"]
+    bn = block_n or config["BLOCK_N"]
+    bd = block_d(head_dim)
+    consts = position_constants(position_buckets, max_relative_positions)
+    lo, hi = reachable_slots(length, consts) if (c2p or p2c) else (0, 0)
+    programs = programs or device_programs(device)
+    dropout = dropout_p > 0.0
+    mask, smb, sml = mask_arg(attention_mask, query)
+    pk = pos_key if c2p else query
+    pq = pos_query if p2c else query
+    # Programs are grouped per table batch: the batch when a table is per example, else one group for all.
+    table_batches = {t.shape[0] for t, used in ((pos_key, c2p), (pos_query, p2c)) if used}
+    tables = batch if batch in table_batches else 1
+    b_per_table = batch // tables
+
+    dq = torch.empty(batch, length, heads, head_dim, dtype=query.dtype, device=device).transpose(1, 2)
+    dk = torch.empty(batch, num_keys, heads, head_dim, dtype=key.dtype, device=device).transpose(1, 2)
+    dv = torch.empty(batch, num_keys, heads, value.shape[-1], dtype=value.dtype, device=device).transpose(1, 2)
+    delta = torch.empty(batch, heads, length, dtype=torch.float32, device=device)
+    common = dict(
+        HAS_C2P=bool(c2p), HAS_P2C=bool(p2c), BUCKETED=consts["BUCKETED"], HAS_MASK=attention_mask is not None,
+        DROPOUT=dropout, INTERPRET=interpret, PREC="tf32" if allow_tf32 else "ieee",
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, WIN=window_size(bm, bn),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    scalars = (
+        *kernel_position_args(consts), lo, hi,
+        float(softmax_scale * LOG2E), float(softmax_scale), float(dropout_p),
+        float(1.0 / (1.0 - dropout_p)) if dropout else 1.0,
+    )
+    seed_arg = seed if dropout else query
+    pk_strides = table_strides(pos_key if c2p else None)
+    pq_strides = table_strides(pos_query if p2c else None)
+
+    groups_q = _groups(b_per_table * triton.cdiv(length, bm), tables * heads, programs)
+    part = torch.zeros(tables * heads * groups_q if c2p else 1, hi - lo + 1, bd, dtype=torch.float32, device=device)
+    _disentangled_bwd_dq_kernel[(groups_q, tables * heads)](
+        query, key, value, pk, pq, mask, seed_arg, out, grad_out, lse, delta, dq, part,
+        *query.stride(), *key.stride(), *value.stride(), *pk_strides, *pq_strides, *out.stride(),
+        *grad_out.stride(), *dq.stride(), smb, sml,
+        batch, heads, length, num_prefix_keys, head_dim, b_per_table, groups_q, *scalars, **common,
+    )
+    dpk = None
+    if c2p:
+        dpk = _reduce_partial(part, tables, heads, groups_q, lo, hi, pos_key, head_dim)
+    del part  # its memory serves the p2c partial below
+
+    blocks = triton.cdiv(num_prefix_keys, bn) + triton.cdiv(length, bn)
+    groups_k = _groups(b_per_table * blocks, tables * heads, programs)
+    part = torch.zeros(tables * heads * groups_k if p2c else 1, hi - lo + 1, bd, dtype=torch.float32, device=device)
+    _disentangled_bwd_dkv_kernel[(groups_k, tables * heads)](
+        query, key, value, pk, pq, mask, seed_arg, grad_out, lse, delta, dk, dv, part,
+        *query.stride(), *key.stride(), *value.stride(), *pk_strides, *pq_strides, *grad_out.stride(),
+        *dk.stride(), *dv.stride(), smb, sml,
+        batch, heads, length, num_prefix_keys, head_dim, b_per_table, groups_k, *scalars, **common,
+    )
+    dpq = None
+    if p2c:
+        dpq = _reduce_partial(part, tables, heads, groups_k, lo, hi, pos_query, head_dim)
+    return dq, dk, dv, dpk, dpq
