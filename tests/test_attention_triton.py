@@ -17,7 +17,8 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 from configs import make_config, make_mask
 from deberta_fast.ops import BackendUnavailable, RelativePositionSpec, disentangled_attention
-from deberta_fast.ops import attention_triton
+from deberta_fast.ops import attention as attention_op
+from deberta_fast.ops import attention_triton, dispatch
 from deberta_fast.ops.attention_reference import disentangled_attention_reference
 from deberta_fast.ops.positions import distance_slot_table, softmax_scale
 
@@ -428,10 +429,14 @@ def test_custom_op_passes_opcheck():
 def test_output_attentions_falls_back_to_reference_and_logs(caplog):
     case = Case("probs", 1, 1, 10, 16, SMALL)
     tensors, mask, _ = make_inputs(case)
-    with caplog.at_level(logging.DEBUG, logger="deberta_fast"):
-        out, probs = disentangled_attention(*tensors, None, spec=case.spec, softmax_scale=scale_of(case),
-                                            output_attentions=True, backend="auto")
+    out, probs = disentangled_attention(*tensors, None, spec=case.spec, softmax_scale=scale_of(case),
+                                        output_attentions=True, backend="auto")
     assert probs is not None and probs.shape == (1, 1, 10, 10)
+    # What auto does with CUDA tensors (it never offers CPU tensors to triton): skip it for this call, log once.
+    call = (*tensors, None, case.spec, scale_of(case), 0.0, True, 0)
+    with caplog.at_level(logging.DEBUG, logger="deberta_fast"):
+        chosen = dispatch.select(attention_op.OP_NAME, "auto", attention_op.CANDIDATES, "cuda", *call)
+    assert chosen == "reference"
     assert "output_attentions" in caplog.text
     with pytest.raises(BackendUnavailable, match="output_attentions"):
         disentangled_attention(*tensors, None, spec=case.spec, softmax_scale=scale_of(case), output_attentions=True,

@@ -58,10 +58,17 @@ def test_explicit_backend_that_cannot_run_raises_with_reasons():
         dispatch.select("test_op_c", "triton", candidates, "cpu")
 
 
-def test_triton_backend_on_cpu_tensors_is_refused():
+def test_auto_never_sends_cpu_tensors_to_triton(monkeypatch):
+    """Even when the Triton interpreter could run them (TRITON_INTERPRET=1), auto keeps CPU tensors off triton."""
+    from deberta_fast.ops import attention
+
+    def refuse(*call):
+        raise AssertionError("auto chose the triton backend for CPU tensors")
+
+    monkeypatch.setitem(attention._RUN, "triton", refuse)
     q = torch.randn(1, 2, 8, 16)
-    with pytest.raises(BackendUnavailable, match="backend 'triton' cannot run this call"):
-        disentangled_attention(q, q, q, spec=None, softmax_scale=0.25, backend="triton")
+    out, _ = disentangled_attention(q, q, q, spec=None, softmax_scale=0.25)
+    assert out.shape == q.shape
 
 
 def test_reference_backend_by_context():

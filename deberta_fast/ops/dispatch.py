@@ -3,7 +3,7 @@
 The backend is chosen, in this order, by the ``backend=`` argument of a call (or a module's ``backend``
 attribute), the innermost ``use_backend(...)`` context, the ``DEBERTA_FAST_BACKEND`` environment variable,
 and finally ``auto``. ``auto`` walks the op's candidates fastest first and takes the first that can serve the
-call; it logs once why it skipped a backend that was meant for the tensors' device. An explicitly requested
+call among those made for the tensors' device; it logs once why it skipped one of them. An explicitly requested
 backend that cannot serve the call raises :class:`BackendUnavailable` with every reason.
 """
 
@@ -62,9 +62,9 @@ def requested_backend(explicit: str | None = None) -> str:
 class Candidate:
     """One backend of an op.
 
-    device_type: the device its kernels are for ("cuda", "cpu") or None for any device. ``auto`` only logs a
-    skip at warning level when the call's tensors are on that device (a CPU user need not hear about CUDA
-    kernels). reasons: returns why it cannot serve a call; empty when it can.
+    device_type: the device its kernels are for ("cuda", "cpu") or None for any device. ``auto`` considers a
+    backend only for tensors on its device, and logs once (warning) why it skipped one that was meant for them.
+    reasons: returns why it cannot serve a call; empty when it can.
     """
 
     name: str
@@ -89,12 +89,12 @@ def select(op_name: str, requested: str, candidates: Sequence[Candidate], device
             raise BackendUnavailable(f"{op_name}: backend {requested!r} cannot run this call: " + "; ".join(reasons))
         return requested
     for candidate in candidates:
+        if candidate.device_type not in (None, device_type):
+            # auto never sends tensors to a backend made for another device (the Triton interpreter can run CUDA
+            # kernels on CPU tensors, slowly: only an explicit request takes it there).
+            continue
         reasons = list(candidate.reasons(*call))
         if not reasons:
             return candidate.name
-        meant_for_device = candidate.device_type in (None, device_type)
-        log_once(
-            logging.WARNING if meant_for_device else logging.DEBUG,
-            f"{op_name}: auto skipped backend {candidate.name!r}: " + "; ".join(reasons),
-        )
+        log_once(logging.WARNING, f"{op_name}: auto skipped backend {candidate.name!r}: " + "; ".join(reasons))
     raise BackendUnavailable(f"{op_name}: no backend can run this call")
