@@ -1,0 +1,67 @@
+"""AdapterHub-compatible adapters and flexible heads for deberta_fast (``DebertaV2AdapterModel``)."""
+
+from .composition import ALLOWED_NESTINGS, Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack, \
+    parse_composition
+from .configuration import (
+    ADAPTER_CONFIG_MAP,
+    AdapterConfig,
+    BnConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    ConfigUnion,
+    DoRAConfig,
+    DoubleSeqBnConfig,
+    DoubleSeqBnInvConfig,
+    IA3Config,
+    LoRAConfig,
+    LoReftConfig,
+    MAMConfig,
+    ParBnConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    ReftConfig,
+    SeqBnConfig,
+    SeqBnInvConfig,
+    UniPELTConfig,
+    VeraConfig,
+)
+from .context import AdapterSetup, ForwardContext
+from .heads import MultiHeadOutput
+from .model import DebertaV2AdapterModel
+
+__all__ = [
+    "ADAPTER_CONFIG_MAP",
+    "ALLOWED_NESTINGS",
+    "AdapterConfig",
+    "AdapterSetup",
+    "Average",
+    "BatchSplit",
+    "BnConfig",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
+    "ConfigUnion",
+    "DebertaV2AdapterModel",
+    "DoRAConfig",
+    "DoubleSeqBnConfig",
+    "DoubleSeqBnInvConfig",
+    "ForwardContext",
+    "Fuse",
+    "IA3Config",
+    "LoRAConfig",
+    "LoReftConfig",
+    "MAMConfig",
+    "MultiHeadOutput",
+    "MultiTask",
+    "ParBnConfig",
+    "Parallel",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "ReftConfig",
+    "SeqBnConfig",
+    "SeqBnInvConfig",
+    "Split",
+    "Stack",
+    "UniPELTConfig",
+    "VeraConfig",
+    "parse_composition",
+]
