@@ -192,7 +192,6 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
         self._init_adapter_layer(registry, layer_idx, location + "_lora")
         self.attn_key = attn_key
         self.merged: str | None = None
-        self._unmerged = None
         for key, value in base.__dict__.items():
             if "_hooks" in key and isinstance(value, dict):
                 setattr(self, key, value)
@@ -258,7 +257,9 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
             raise ValueError("Cannot merge LoRA layer with gating.")
         with torch.no_grad():
             weight, bias = module.merged_weights(self.weight, self.bias)
-        self._unmerged = (self.weight.data, self.bias.data if self.bias is not None else None)
+        # Non-persistent buffers: they follow .to() / .half() but never enter a state dict.
+        self.register_buffer("_unmerged_weight", self.weight.data, persistent=False)
+        self.register_buffer("_unmerged_bias", self.bias.data if self.bias is not None else None, persistent=False)
         self.weight.data = weight.detach()
         if self.bias is not None and bias is not None:
             self.bias.data = bias.detach()
@@ -268,11 +269,10 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
         """Undo ``merge_adapter``: the weights from before the merge come back unchanged."""
         if self.merged is None:
             return
-        weight, bias = self._unmerged
-        self.weight.data = weight
-        if bias is not None:
-            self.bias.data = bias
-        self._unmerged = None
+        self.weight.data = self._unmerged_weight
+        if self._unmerged_bias is not None:
+            self.bias.data = self._unmerged_bias
+        del self._unmerged_weight, self._unmerged_bias
         self.merged = None
 
     # ---- forward ----------------------------------------------------------------------------------------------
