@@ -220,3 +220,25 @@ def test_unsupported_head_types_raise():
     with pytest.raises(ValueError, match="does not support head type 'causal_lm'"):
         model.add_prediction_head_from_config("x", {"head_type": "causal_lm"})
     assert len(model.heads) == 0
+
+
+def test_forward_head_output_embeddings_and_tie_weights():
+    model = tiny_model("v3")
+    model.add_adapter("m", config="seq_bn")
+    model.add_masked_lm_head("m")
+    model.add_classification_head("c")
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        base = model.deberta(**inputs)
+        direct = model.forward_head(base, head_name="c", attention_mask=inputs["attention_mask"], return_dict=True)
+        torch.testing.assert_close(direct.logits, model(**inputs, head="c").logits, rtol=0, atol=0)
+    model.active_head = "m"
+    assert model.get_output_embeddings() is model.heads["m"][3]
+    model.active_head = "c"
+    assert model.get_output_embeddings() is None
+    new_embeddings = torch.nn.Embedding(model.config.vocab_size, model.config.hidden_size)
+    model.set_input_embeddings(new_embeddings)
+    assert model.heads["m"][3].weight is new_embeddings.weight
+    model.heads["m"][3].weight = torch.nn.Parameter(torch.zeros_like(new_embeddings.weight))
+    model.tie_weights()
+    assert model.heads["m"][3].weight is new_embeddings.weight

@@ -281,3 +281,26 @@ def test_skip_layers_and_leave_out():
         torch.testing.assert_close(model(**inputs).last_hidden_state, base, rtol=0, atol=0)
         model.set_active_adapters("bn")
         assert (model(**inputs).last_hidden_state - base).abs().max() > 1e-3
+
+
+def test_adapter_setup_context_equals_active_adapters():
+    model = tiny_model("v3")
+    model.add_adapter("a", config="lora[attn_matrices=['q','k']]")
+    model.add_adapter("b", config="double_seq_bn")
+    randomize_adapter_(model, "a", seed=1)
+    randomize_adapter_(model, "b", seed=2)
+    model.add_classification_head("b", num_labels=2)
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        with AdapterSetup(Stack("a", "b")):
+            in_context = model(**inputs)
+        assert model.active_adapters is None
+        model.set_active_adapters(Stack("a", "b"))
+        active = model(**inputs)
+        assert model.active_head == "b"
+        torch.testing.assert_close(in_context.logits, active.logits, rtol=0, atol=0)
+        with AdapterSetup(None):  # an explicit empty setup runs no adapter even though some are active
+            plain = model(**inputs, head="b")
+        model.set_active_adapters(None)
+        torch.testing.assert_close(plain.logits, model(**inputs, head="b").logits, rtol=0, atol=0)
+        assert (plain.logits - active.logits).abs().max() > 1e-4
