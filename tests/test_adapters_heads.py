@@ -42,8 +42,9 @@ def test_head_layouts_and_keys():
     assert _head_keys(model, "mc")["heads.mc.4.weight"] == (1, h)
     assert _head_keys(model, "t") == {"heads.t.1.weight": (5, h), "heads.t.1.bias": (5,)}
     assert _head_keys(model, "qa") == {"heads.qa.1.weight": (2, h), "heads.qa.1.bias": (2,)}
-    assert _head_keys(model, "mlm") == {"heads.mlm.0.weight": (h, h), "heads.mlm.0.bias": (h,), "heads.mlm.2.weight": (h,),
-                                        "heads.mlm.2.bias": (h,), "heads.mlm.3.weight": (v, h), "heads.mlm.3.bias": (v,)}
+    assert _head_keys(model, "mlm") == {"heads.mlm.0.weight": (h, h), "heads.mlm.0.bias": (h,),
+                                        "heads.mlm.2.weight": (h,), "heads.mlm.2.bias": (h,),
+                                        "heads.mlm.3.weight": (v, h), "heads.mlm.3.bias": (v,)}
     assert _head_keys(model, "lin") == {"heads.lin.1.weight": (2, h), "heads.lin.1.bias": (2,)}
     assert [type(m).__name__ for m in model.heads["c"]] == ["Dropout", "Linear", "Activation", "Dropout", "Linear"]
     assert model.heads["mlm"][2].eps == model.config.layer_norm_eps

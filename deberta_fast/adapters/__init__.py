@@ -1,7 +1,16 @@
 """AdapterHub-compatible adapters and flexible heads for deberta_fast (``DebertaV2AdapterModel``)."""
 
-from .composition import ALLOWED_NESTINGS, Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack, \
-    parse_composition
+from .composition import (
+    ALLOWED_NESTINGS,
+    Average,
+    BatchSplit,
+    Fuse,
+    MultiTask,
+    Parallel,
+    Split,
+    Stack,
+    parse_composition,
+)
 from .configuration import (
     ADAPTER_CONFIG_MAP,
     AdapterConfig,

@@ -93,7 +93,8 @@ class AdapterIOMixin:
         """Write adapter ``adapter_name`` (and, with_head, the head of the same name if there is one) to
         ``save_directory`` in AdapterHub's format; every file is replaced atomically."""
         if adapter_name not in self.adapters_config:
-            raise ValueError(f"No adapter with name '{adapter_name}' found. Added adapters: {list(self.adapters_config)}")
+            raise ValueError(f"No adapter with name '{adapter_name}' found. "
+                             f"Added adapters: {list(self.adapters_config)}")
         _make_directory(save_directory)
         config = self.adapters_config.get(adapter_name)
         state = {k: v for k, v in self.state_dict().items() if _belongs_to_adapter(k, adapter_name)}

@@ -90,7 +90,8 @@ class AdapterCompositionBlock(Sequence):
     def from_dict(cls, data: dict) -> AdapterCompositionBlock:
         block_class = BLOCK_TYPES.get(data.get("type"))
         if block_class is None:
-            raise ValueError(f"unknown composition block type {data.get('type')!r}; expected one of {sorted(BLOCK_TYPES)}")
+            raise ValueError(f"unknown composition block type {data.get('type')!r}; "
+                             f"expected one of {sorted(BLOCK_TYPES)}")
         children = [c["children"][0] if c["type"] == "single" else cls.from_dict(c) for c in data["children"]]
         return block_class(*children, **data.get("kwargs", {}))
 
@@ -191,7 +192,8 @@ def validate_composition(setup, level: int = 0, model_type: str | None = None) -
     if isinstance(setup, AdapterCompositionBlock):
         block_type = type(setup)
         if model_type and block_type in SUPPORTED_MODELS and model_type not in SUPPORTED_MODELS[block_type]:
-            raise ValueError(f"models of type {model_type} don't support adapter composition using {block_type.__name__}")
+            raise ValueError(f"models of type {model_type} don't support adapter composition using "
+                             f"{block_type.__name__}")
         for child in setup:
             if type(child) not in ALLOWED_NESTINGS[block_type]:
                 raise ValueError(

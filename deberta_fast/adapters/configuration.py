@@ -125,8 +125,8 @@ class AdapterConfig(Mapping):
             resolved = _config_from_string(config)
         else:
             raise ValueError(
-                f"config must be a name from ADAPTER_CONFIG_MAP (optionally 'name[key=value, ...]'), a dict, a JSON file "
-                f"path or an AdapterConfig; got {type(config).__name__}"
+                "config must be a name from ADAPTER_CONFIG_MAP (optionally 'name[key=value, ...]'), a dict, a JSON "
+                f"file path or an AdapterConfig; got {type(config).__name__}"
             )
         overrides = {k: v for k, v in kwargs.items() if v is not None}
         return resolved.replace(**overrides) if overrides else resolved
@@ -491,7 +491,9 @@ class ConfigUnion(AdapterConfig):
                 if first.architecture != second.architecture or first.get("leave_out") or second.get("leave_out"):
                     continue
                 if first.architecture is None:
-                    if first["mh_adapter"] != second["mh_adapter"] and first["output_adapter"] != second["output_adapter"]:
+                    different_places = (first["mh_adapter"] != second["mh_adapter"]
+                                        and first["output_adapter"] != second["output_adapter"])
+                    if different_places:
                         continue
                     raise ValueError(f"{first} and {second} cannot be combined: both place a bottleneck adapter at "
                                      "the same location")
@@ -628,7 +630,8 @@ def parse_config_string(text: str) -> list[tuple[str, dict]]:
     for chunk in text.split("|"):
         match = _CONFIG_STRING.match(chunk.strip())
         if not match:
-            raise ValueError(f"invalid adapter config string {chunk.strip()!r}; expected 'name' or 'name[key=value, ...]'")
+            raise ValueError(f"invalid adapter config string {chunk.strip()!r}; "
+                             "expected 'name' or 'name[key=value, ...]'")
         overrides_text = match.group("overrides") or ""
         literal = re.sub(r"(\w+)\s*=", r"'\1':", overrides_text)
         try:

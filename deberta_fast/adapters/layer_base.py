@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .composition import ALLOWED_NESTINGS, AdapterCompositionBlock, Average, BatchSplit, Fuse, MultiTask, Parallel, \
-    Split, Stack
+from .composition import (
+    ALLOWED_NESTINGS,
+    AdapterCompositionBlock,
+    Average,
+    BatchSplit,
+    Fuse,
+    MultiTask,
+    Parallel,
+    Split,
+    Stack,
+)
 from .context import active_setup_for
 
 __all__ = ["AdapterLayerBase"]

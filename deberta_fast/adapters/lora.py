@@ -139,7 +139,8 @@ class IA3(nn.Module):
             elif config.init_weights == "lora":
                 nn.init.zeros_(self.lora_B)
             else:
-                raise ValueError(f"unknown (IA)³ init_weights {config.init_weights!r}; expected 'ia3', 'bert' or 'lora'")
+                raise ValueError(f"unknown (IA)³ init_weights {config.init_weights!r}; "
+                                 "expected 'ia3', 'bert' or 'lora'")
         if self.use_gating:
             self.gate = nn.Linear(in_features, 1, device=device, dtype=dtype)
             with torch.no_grad():
@@ -206,7 +207,8 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
         config = self._registry.match(name, LoRAConfig, layer_idx=layer_idx, location_key=self.location_key)
         if config is None or (self.attn_key is not None and self.attn_key not in config.attn_matrices):
             return False
-        if isinstance(config, MTLLoRAConfig) or config.use_dora or config.vera_d is not None or config.vera_b is not None:
+        variant = isinstance(config, MTLLoRAConfig) or config.use_dora or config.vera_d is not None
+        if variant or config.vera_b is not None:
             raise NotImplementedError("MTL-LoRA, DoRA and VeRA are not implemented in this version of deberta_fast")
         kwargs = dict(device=self.weight.device, dtype=self.weight.dtype)
         if config.composition_mode == "add":

@@ -287,7 +287,8 @@ class AdapterManagementMixin:
         config = self.adapters_config.get(adapter_list[0])
         reference = adapter_config_hash(config, ignore_params=["dropout", "init_weights"])
         for name in adapter_list[1:]:
-            if adapter_config_hash(self.adapters_config.get(name), ignore_params=["dropout", "init_weights"]) != reference:
+            other = adapter_config_hash(self.adapters_config.get(name), ignore_params=["dropout", "init_weights"])
+            if other != reference:
                 raise ValueError("Cannot average adapters with different configurations. "
                                  "Please make sure all adapters have the same configuration.")
         if weights is None:

@@ -49,7 +49,8 @@ class AdapterRegistry:
         if isinstance(config, str):
             config = ADAPTER_CONFIG_MAP[config]
         if config is None:
-            raise ValueError(f"adapter {name!r} refers to config {key!r}, which is neither in config_map nor a known name")
+            raise ValueError(f"adapter {name!r} refers to config {key!r}, which is neither in config_map nor a "
+                             "known name")
         return config
 
     def match(self, name: str, config_type: type, layer_idx: int | None = None, location_key: str | None = None):
