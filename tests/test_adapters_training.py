@@ -181,3 +181,25 @@ def test_get_adapter_iter_layers_and_apply():
     model.apply_to_basemodel_childs(lambda i, child: visited.append(i))
     assert visited == []
     assert model.adapter_summary(as_dict=True)[0]["architecture"] == "union"
+
+
+def test_gradients_with_activation_checkpointing_are_unchanged():
+    model = tiny_model("v3")
+    model.add_adapter("a", config="lora|seq_bn")
+    randomize_adapter_(model, "a")
+    model.add_classification_head("a")
+    model.train_adapter("a")
+    labels = torch.tensor([0, 1])
+
+    def gradients():
+        model.zero_grad()
+        model(**tiny_inputs(), labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.gradient_checkpointing for _, layer in model.iter_layers())
+    checkpointed = gradients()
+    assert set(plain) == set(checkpointed) and any(".loras.a." in n for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-6, atol=1e-7)
