@@ -23,6 +23,18 @@ _EXPORTS = {
     "use_backend": "deberta_fast.ops",
     "disentangled_attention": "deberta_fast.ops",
     "BackendUnavailable": "deberta_fast.ops",
+    "DebertaV2AdapterModel": "deberta_fast.adapters",
+    "AdapterSetup": "deberta_fast.adapters",
+    "AdapterConfig": "deberta_fast.adapters",
+    "LoRAConfig": "deberta_fast.adapters",
+    "IA3Config": "deberta_fast.adapters",
+    "SeqBnConfig": "deberta_fast.adapters",
+    "DoubleSeqBnConfig": "deberta_fast.adapters",
+    "ParBnConfig": "deberta_fast.adapters",
+    "BnConfig": "deberta_fast.adapters",
+    "ConfigUnion": "deberta_fast.adapters",
+    "Stack": "deberta_fast.adapters",
+    "Average": "deberta_fast.adapters",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

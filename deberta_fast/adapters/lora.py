@@ -1,0 +1,325 @@
+"""LoRA and (IA)³ on DeBERTa's linear projections, with AdapterHub's module layout and math.
+
+``LoRALinear`` replaces a ``nn.Linear`` (query_proj, key_proj, value_proj, intermediate.dense, output.dense) and
+reuses its ``weight``/``bias`` Parameters, so base state-dict keys do not change; adapters live in ``loras``:
+``...query_proj.loras.<name>.lora_A`` [r, in], ``.lora_B`` [out, r] ((IA)³: ``lora_B`` [out, 1] only),
+``.gate.{weight, bias}`` with gating.
+
+Math for x [..., in], W [out, in], b [out]:
+
+- LoRA:   y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ,  s = alpha / r;  gated: s is replaced by
+  g = mean over the sequence of sigmoid(gate(x)) (shape [B, 1, 1]).
+- (IA)³:  y = (x Wᵀ + b) ⊙ (alpha · l),  l = lora_B[:, 0]  (gated: alpha replaced by g).
+- Stack(a, b) in one layer: b's input is a's update (not x) and y = x Wᵀ + b + update_b (AdapterHub's rule).
+- Average: y = x Wᵀ + b + mean_i(w_i · update_i) (AdapterHub's rule: the mean of the weighted updates).
+
+A single active adapter runs through ``deberta_fast.ops.lora_linear`` / ``ops.ia3_linear`` (the fused kernels plug
+in there); gating, stacking and averaging run in eager PyTorch here.
+
+Because DeBERTa's attention (share_att_key=True) projects the relative embeddings with query_proj / key_proj, LoRA
+and (IA)³ on q and k also reach the position terms, as in AdapterHub and transformers + PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.ia3 import ia3_linear
+from ..ops.lora import lora_linear
+from .composition import Average, Stack
+from .configuration import LoRAConfig, MTLLoRAConfig
+from .initialization import seeded_generator
+from .layer_base import AdapterLayerBase
+
+__all__ = ["IA3", "LoRA", "LoRALinear"]
+
+
+def _torch_dtype(name: str | None, fallback: torch.dtype) -> torch.dtype:
+    if name is None:
+        return fallback
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"LoRA config dtype must name a torch dtype such as 'float32'; got {name!r}")
+    return dtype
+
+
+def _gate_factor(gate: nn.Linear, layer_input: torch.Tensor) -> torch.Tensor:
+    """mean over the sequence (dim 1) of sigmoid(gate(x)), shaped to broadcast over [B, L, out]."""
+    return torch.sigmoid(gate(layer_input)).mean(dim=1).unsqueeze(-1)
+
+
+class LoRA(nn.Module):
+    """One LoRA update: parameters ``lora_A`` [r, in], ``lora_B`` [out, r] (and ``gate`` with use_gating)."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, device=None, dtype=None):
+        super().__init__()
+        if config.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1; got {config.r}")
+        self.r = config.r
+        self.lora_alpha = config.alpha
+        self.scaling = config.alpha / config.r
+        self.dropout_p = float(config.dropout)
+        self.use_gating = config.use_gating
+        self.composition_mode = "add"
+        dtype = _torch_dtype(config.dtype, dtype or torch.get_default_dtype())
+        self.lora_A = nn.Parameter(torch.zeros(config.r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, device=device, dtype=dtype))
+        generator = seeded_generator(config.init_weights_seed, self.lora_A.device)
+        with torch.no_grad():
+            if config.init_weights == "lora":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+                nn.init.zeros_(self.lora_B)
+            elif config.init_weights == "bert":
+                nn.init.normal_(self.lora_A, std=0.02, generator=generator)
+                nn.init.normal_(self.lora_B, std=0.02, generator=generator)
+            elif config.init_weights == "ia3":
+                nn.init.ones_(self.lora_A)
+                nn.init.ones_(self.lora_B)
+            else:
+                raise ValueError(f"unknown LoRA init_weights {config.init_weights!r}; expected 'lora', 'bert' or 'ia3'")
+        if self.use_gating:
+            self.gate = nn.Linear(in_features, 1, device=device, dtype=dtype)
+            with torch.no_grad():
+                nn.init.normal_(self.gate.weight, std=0.02, generator=generator)
+
+    @property
+    def dropout_active(self) -> float:
+        return self.dropout_p if self.training else 0.0
+
+    def update(self, hidden: torch.Tensor | None, layer_input: torch.Tensor) -> torch.Tensor:
+        """The additive update; ``hidden`` is the previous adapter's update in a Stack (None for the first)."""
+        source = layer_input if hidden is None else hidden
+        if source.shape[-1] != self.lora_A.shape[1]:
+            raise ValueError(
+                f"cannot stack this LoRA on the previous adapter's update: the update has {source.shape[-1]} features "
+                f"but lora_A expects {self.lora_A.shape[1]} (stacking needs in_features == out_features)"
+            )
+        if self.dropout_active > 0:
+            source = F.dropout(source, p=self.dropout_active, training=True)
+        out = source @ self.lora_A.t() @ self.lora_B.t()
+        return out * _gate_factor(self.gate, layer_input) if self.use_gating else out * self.scaling
+
+    @staticmethod
+    def combine(layer_output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        return layer_output + update
+
+    def merged_weights(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """(W + s·B A, b): the base weights with this update folded in."""
+        delta = (self.lora_B @ self.lora_A).to(weight.dtype)
+        return weight + delta * self.scaling, bias
+
+
+class IA3(nn.Module):
+    """One (IA)³ scale: parameter ``lora_B`` [out, 1] (and ``gate`` with use_gating)."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, device=None, dtype=None):
+        super().__init__()
+        if config.r != 1:
+            raise ValueError("Can only use composition_mode='scale' when r == 1.")
+        if config.dropout > 0.0:
+            raise ValueError("IA3 module does not support dropout.")
+        self.r = 1
+        self.lora_alpha = config.alpha
+        self.scaling = config.alpha
+        self.use_gating = config.use_gating
+        self.composition_mode = "scale"
+        dtype = _torch_dtype(config.dtype, dtype or torch.get_default_dtype())
+        self.lora_B = nn.Parameter(torch.zeros(out_features, 1, device=device, dtype=dtype))
+        generator = seeded_generator(config.init_weights_seed, self.lora_B.device)
+        with torch.no_grad():
+            if config.init_weights == "ia3":
+                nn.init.ones_(self.lora_B)
+            elif config.init_weights == "bert":
+                nn.init.normal_(self.lora_B, std=0.02, generator=generator)
+            elif config.init_weights == "lora":
+                nn.init.zeros_(self.lora_B)
+            else:
+                raise ValueError(f"unknown (IA)³ init_weights {config.init_weights!r}; "
+                                 "expected 'ia3', 'bert' or 'lora'")
+        if self.use_gating:
+            self.gate = nn.Linear(in_features, 1, device=device, dtype=dtype)
+            with torch.no_grad():
+                nn.init.normal_(self.gate.weight, std=0.02, generator=generator)
+
+    def scale_vector(self) -> torch.Tensor:
+        """alpha · l, shape [out]."""
+        return self.lora_B.view(-1) * self.scaling
+
+    def update(self, hidden: torch.Tensor | None, layer_input: torch.Tensor) -> torch.Tensor:
+        """The multiplicative factor; in a Stack it multiplies the previous adapter's factor/update."""
+        vector = self.lora_B.view(1, 1, -1)
+        out = vector if hidden is None else hidden * vector
+        return out * _gate_factor(self.gate, layer_input) if self.use_gating else out * self.scaling
+
+    @staticmethod
+    def combine(layer_output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        return layer_output * update
+
+    def merged_weights(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """(W ⊙ (alpha·l) row-wise, b ⊙ (alpha·l)): exact, the bias is scaled too (AdapterHub leaves it unscaled)."""
+        scale = self.scale_vector().to(weight.dtype)
+        return weight * scale[:, None], (bias * scale if bias is not None else None)
+
+
+class _LoRAState(NamedTuple):
+    layer_input: torch.Tensor
+    hidden: torch.Tensor | None
+    layer_output: torch.Tensor
+    last: str | None
+
+
+class LoRALinear(AdapterLayerBase, nn.Linear):
+    """A ``nn.Linear`` with LoRA / (IA)³ adapters (module docstring). Built around an existing Linear, whose
+    Parameters it shares; ``location`` is "selfattn", "intermediate" or "output"; ``attn_key`` "q", "k" or "v"."""
+
+    adapter_modules_name = "loras"
+    supported_compositions = (Stack, Average)
+
+    def __init__(self, base: nn.Linear, registry, layer_idx: int, location: str, attn_key: str | None = None):
+        nn.Module.__init__(self)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        if base.bias is not None:
+            self.bias = base.bias
+        else:
+            self.register_parameter("bias", None)
+        self.loras = nn.ModuleDict()
+        self._init_adapter_layer(registry, layer_idx, location + "_lora")
+        self.attn_key = attn_key
+        self.merged: str | None = None
+        for key, value in base.__dict__.items():
+            if "_hooks" in key and isinstance(value, dict):
+                setattr(self, key, value)
+        self.train(base.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, location={self.location_key}, attn_key={self.attn_key}"
+
+    # ---- management -------------------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, layer_idx: int) -> bool:
+        config = self._registry.match(name, LoRAConfig, layer_idx=layer_idx, location_key=self.location_key)
+        if config is None or (self.attn_key is not None and self.attn_key not in config.attn_matrices):
+            return False
+        variant = isinstance(config, MTLLoRAConfig) or config.use_dora or config.vera_d is not None
+        if variant or config.vera_b is not None:
+            raise NotImplementedError("MTL-LoRA, DoRA and VeRA are not implemented in this version of deberta_fast")
+        kwargs = dict(device=self.weight.device, dtype=self.weight.dtype)
+        if config.composition_mode == "add":
+            module = LoRA(self.in_features, self.out_features, config, **kwargs)
+        elif config.composition_mode == "scale":
+            module = IA3(self.in_features, self.out_features, config, **kwargs)
+        else:
+            raise ValueError(f"Unknown composition_mode: {config.composition_mode!r}; expected 'add' or 'scale'")
+        module.train(self.training)
+        self.loras[name] = module
+        return True
+
+    def delete_adapter(self, name: str) -> None:
+        if self.merged == name:
+            self.reset_adapter()
+        super().delete_adapter(name)
+
+    def average_adapter(self, name: str, input_adapters: dict, combine_strategy: str, **kwargs) -> bool:
+        if combine_strategy != "lora_linear_only_negate_b":
+            return super().average_adapter(name, input_adapters, combine_strategy, **kwargs)
+        if not self.add_adapter(name, self.layer_idx):
+            return False
+        missing = [n for n in input_adapters if n not in self.loras]
+        if missing:
+            self.delete_adapter(name)
+            raise ValueError(f"cannot average: adapter(s) {missing} have no module in layer {self.layer_idx}")
+        total = {}
+        for source, weight in input_adapters.items():
+            for key, value in self.loras[source].state_dict().items():
+                if key not in ("lora_A", "lora_B"):
+                    self.delete_adapter(name)
+                    raise ValueError(f"combine strategy 'lora_linear_only_negate_b' averages lora_A and lora_B only; "
+                                     f"adapter {source!r} also has {key!r}")
+                factor = abs(weight) if key == "lora_A" else weight
+                total[key] = total[key] + factor * value if key in total else factor * value
+        self.loras[name].load_state_dict(total)
+        return True
+
+    def merge_adapter(self, name: str) -> None:
+        """Fold adapter ``name`` into ``weight`` (and, for (IA)³, ``bias``); the forward then skips all LoRA work
+        here. The weights from before are kept and restored bit-exactly by ``reset_adapter``."""
+        if name not in self.loras or self.merged == name:
+            return
+        if self.merged is not None:
+            raise ValueError("LoRALayer already has a merged LoRA module. Please reset it first.")
+        module = self.loras[name]
+        if module.use_gating:
+            raise ValueError("Cannot merge LoRA layer with gating.")
+        with torch.no_grad():
+            weight, bias = module.merged_weights(self.weight, self.bias)
+        # Non-persistent buffers: they follow .to() / .half() but never enter a state dict.
+        self.register_buffer("_unmerged_weight", self.weight.data, persistent=False)
+        self.register_buffer("_unmerged_bias", self.bias.data if self.bias is not None else None, persistent=False)
+        self.weight.data = weight.detach()
+        if self.bias is not None and bias is not None:
+            self.bias.data = bias.detach()
+        self.merged = name
+
+    def reset_adapter(self) -> None:
+        """Undo ``merge_adapter``: the weights from before the merge come back unchanged."""
+        if self.merged is None:
+            return
+        self.weight.data = self._unmerged_weight
+        if self._unmerged_bias is not None:
+            self.bias.data = self._unmerged_bias
+        del self._unmerged_weight, self._unmerged_bias
+        self.merged = None
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] (module docstring)."""
+        if self.merged is None:
+            setup = self.active_setup()
+            if setup is not None:
+                single = self._single_adapter(setup)
+                if single is not None:
+                    return self._forward_single(x, single)
+                return self._forward_composed(x, setup)
+        return F.linear(x, self.weight, self.bias)
+
+    def _single_adapter(self, setup):
+        """The only adapter of this layer a plain Stack of names runs, if it is ungated; else None."""
+        if type(setup) is not Stack or not all(isinstance(c, str) for c in setup.children):
+            return None
+        present = [self.loras[c] for c in setup.children if c in self.loras]
+        if len(present) != 1 or present[0].use_gating:
+            return None
+        return present[0]
+
+    def _forward_single(self, x: torch.Tensor, module) -> torch.Tensor:
+        if isinstance(module, IA3):
+            return ia3_linear(x, self.weight, self.bias, module.scale_vector())
+        return lora_linear(x, self.weight, self.bias, module.lora_A, module.lora_B, module.scaling,
+                           module.dropout_active)
+
+    def _forward_composed(self, x: torch.Tensor, setup) -> torch.Tensor:
+        layer_output = F.linear(x, self.weight, self.bias)
+        state = self.compose(setup, _LoRAState(x, None, layer_output, None))
+        if state.last is None:
+            return layer_output
+        return self.loras[state.last].combine(layer_output, state.hidden)
+
+    def compose_single(self, name: str, state: _LoRAState, level: int = 0) -> _LoRAState:
+        update = self.loras[name].update(state.hidden, state.layer_input)
+        return state._replace(hidden=update, last=name)
+
+    def mean(self, states: list, weights: list) -> _LoRAState:
+        if states[0].hidden is None:
+            return states[0]
+        w = torch.tensor(weights, dtype=states[0].hidden.dtype, device=states[0].hidden.device)
+        stacked = torch.stack([s.hidden for s in states], dim=0)
+        hidden = (stacked * w.view(-1, *([1] * (stacked.dim() - 1)))).mean(dim=0)
+        return states[0]._replace(hidden=hidden, last=states[-1].last)

@@ -1,0 +1,114 @@
+"""The per-model record of adapters: name -> config, the active setup, and config.json's ``"adapters"`` section.
+
+One ``AdapterRegistry`` belongs to one ``DebertaV2AdapterModel`` and is shared (by reference) with its adapter
+layers, which ask it for their configs and the active setup. It is never stored on the transformers config object,
+so two models built from one config never see each other's adapters.
+
+The JSON form is AdapterHub's ``ModelAdaptersConfig``: ``{"adapters": {name: config_hash}, "config_map":
+{config_hash: config_dict}, "fusions": {...}, "fusion_config_map": {...}, "fusion_name_map": {...}}``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+from .configuration import ADAPTER_CONFIG_MAP, DEFAULT_ADAPTER_CONFIG, AdapterConfig, ConfigUnion, adapter_config_hash
+
+__all__ = ["AdapterRegistry"]
+
+
+class AdapterRegistry:
+    """Adapter names and configs of one model (see module docstring)."""
+
+    def __init__(self):
+        self.adapters: dict[str, str] = {}
+        self.config_map: dict[str, AdapterConfig] = {}
+        # AdapterFusion records (written by issue 5's fusion support; kept so config.json round-trips them).
+        self.fusions: dict[str, str] = {}
+        self.fusion_config_map: dict[str, dict] = {}
+        self.fusion_name_map: dict[str, list] = {}
+        self.active_setup = None
+        self.skip_layers = None
+
+    def __contains__(self, name) -> bool:
+        return name in self.adapters
+
+    def __iter__(self):
+        return iter(list(self.adapters))
+
+    def __len__(self):
+        return len(self.adapters)
+
+    def get(self, name: str) -> AdapterConfig | None:
+        """The config of adapter ``name`` (None if there is no such adapter)."""
+        if name not in self.adapters:
+            return None
+        key = self.adapters[name]
+        config = self.config_map.get(key, ADAPTER_CONFIG_MAP.get(key))
+        if isinstance(config, str):
+            config = ADAPTER_CONFIG_MAP[config]
+        if config is None:
+            raise ValueError(f"adapter {name!r} refers to config {key!r}, which is neither in config_map nor a "
+                             "known name")
+        return config
+
+    def match(self, name: str, config_type: type, layer_idx: int | None = None, location_key: str | None = None):
+        """The member config of ``name`` that is a ``config_type``, places a module at ``location_key`` (a config
+        field such as ``"mh_adapter"`` or ``"selfattn_lora"``) and does not leave out ``layer_idx``; else None."""
+        config = self.get(name)
+        if config is None:
+            return None
+        members = config.configs if isinstance(config, ConfigUnion) else [config]
+        found = []
+        for member in members:
+            if not isinstance(member, config_type):
+                continue
+            if layer_idx is not None and layer_idx in (member.get("leave_out") or []):
+                continue
+            if location_key is not None and not member.get(location_key, False):
+                continue
+            found.append(member)
+        if len(found) > 1:
+            raise ValueError(f"adapter {name!r} defines several {config_type.__name__} modules for {location_key} in "
+                             f"layer {layer_idx}; use one module per location")
+        return found[0] if found else None
+
+    def add(self, name: str, config=None) -> AdapterConfig:
+        """Record adapter ``name`` with ``config`` (an object, dict or name; None = the default seq_bn)."""
+        if name in self.adapters:
+            raise ValueError(f"An adapter with the name '{name}' has already been added.")
+        config = AdapterConfig.load(config if config is not None else DEFAULT_ADAPTER_CONFIG)
+        key = adapter_config_hash(config)
+        self.config_map[key] = config
+        self.adapters[name] = key
+        return config
+
+    def remove(self, name: str) -> None:
+        key = self.adapters.pop(name)
+        if key in self.config_map and key not in self.adapters.values():
+            del self.config_map[key]
+
+    def to_dict(self) -> dict:
+        return {
+            "adapters": dict(self.adapters),
+            "config_map": {k: v.to_dict() if isinstance(v, AdapterConfig) else copy.deepcopy(v)
+                           for k, v in self.config_map.items()},
+            "fusions": dict(self.fusions),
+            "fusion_config_map": copy.deepcopy(self.fusion_config_map),
+            "fusion_name_map": copy.deepcopy(self.fusion_name_map),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping | None) -> AdapterRegistry:
+        registry = cls()
+        if not data:
+            return registry
+        for name, value in data.get("adapters", {}).items():
+            # adapter-transformers 1.x stored (type, config_name) pairs
+            registry.adapters[name] = value[1] or value[0] if isinstance(value, (list, tuple)) else value
+        registry.config_map = {k: AdapterConfig.load(v) for k, v in data.get("config_map", {}).items()}
+        registry.fusions = dict(data.get("fusions", {}))
+        registry.fusion_config_map = copy.deepcopy(data.get("fusion_config_map", {}))
+        registry.fusion_name_map = copy.deepcopy(data.get("fusion_name_map", {}))
+        return registry
