@@ -45,6 +45,9 @@ def _train_parser(sub) -> None:
     parser.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over the data (default {d.epochs})")
     parser.add_argument("--max-steps", type=int, default=d.max_steps,
                         help="stop after this many optimizer steps (default 0: --epochs decides)")
+    parser.add_argument("--stop-after", type=int, default=d.stop_after,
+                        help="end this invocation after N optimizer steps, with a checkpoint, while the learning-rate "
+                             "schedule still spans the whole run; continue later with --resume (default 0: never)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                         help=f"global batch size, split over torchrun processes (default {d.batch_size})")
     parser.add_argument("--learning-rate", "--lr", type=float, default=d.learning_rate,

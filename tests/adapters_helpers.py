@@ -12,7 +12,19 @@ from safetensors.torch import load_file
 
 from configs import make_config, perturb_
 
-FIXTURES = os.environ.get("DEBERTA_FAST_ADAPTERHUB_FIXTURES", "/work/shared/fixtures/adapterhub")
+def _find_fixtures() -> str:
+    """$DEBERTA_FAST_ADAPTERHUB_FIXTURES, else ../shared/fixtures/adapterhub beside the repository, else the
+    workplace's /work/shared copy (a clean clone elsewhere has no ../shared)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [os.environ.get("DEBERTA_FAST_ADAPTERHUB_FIXTURES"),
+                  os.path.join(repo, "..", "shared", "fixtures", "adapterhub"), "/work/shared/fixtures/adapterhub"]
+    for candidate in candidates:
+        if candidate and os.path.isdir(candidate):
+            return os.path.normpath(candidate)
+    return os.path.normpath(candidates[1])
+
+
+FIXTURES = _find_fixtures()
 
 # The fixture cases of the methods and heads implemented here (issue 4).
 METHOD_CASES = ["lora_default", "lora_qkv_ffn", "ia3", "seq_bn", "double_seq_bn", "par_bn", "stack_lora_bn",

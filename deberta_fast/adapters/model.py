@@ -171,10 +171,19 @@ class DebertaV2AdapterModel(AdapterIOMixin, FlexibleHeadsMixin, AdapterManagemen
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, head=None,
                 output_adapter_gating_scores=False, output_adapter_fusion_attentions=False,
-                adapter_input_parallelized=False, task_ids=None, **kwargs):
+                adapter_input_parallelized=False, task_ids=None, labels=None, start_positions=None,
+                end_positions=None, **kwargs):
         """Inputs as DebertaV2Model's ([B, L], or [B, C, L] for multiple choice, flattened to [B·C, L]); ``head``
         picks a head by name; head arguments (labels, start_positions, end_positions, get_cls_from_eos_tokens,
-        eos_mask) pass through ``kwargs``."""
+        eos_mask) go to the head. The label arguments are named in the signature so that transformers' Trainer
+        keeps them in its batches (it drops inputs the forward signature does not name)."""
+        # transformers' Trainer passes num_items_in_batch to models whose forward takes **kwargs; the heads
+        # average their losses over the batch themselves, as transformers' own DebertaV2 heads do.
+        kwargs.pop("num_items_in_batch", None)
+        for name, value in (("labels", labels), ("start_positions", start_positions),
+                            ("end_positions", end_positions)):
+            if value is not None:
+                kwargs[name] = value
         unknown = sorted(set(kwargs) - HEAD_KWARGS)
         if unknown:
             raise TypeError(f"forward() got unexpected keyword arguments {unknown}")

@@ -53,6 +53,14 @@ class _World:
         if self.size > 1:
             dist.barrier()
 
+    def from_main(self, value):
+        """The main process's ``value`` (any picklable object), on every process."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -210,6 +218,9 @@ def train(options: TrainOptions) -> dict:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
         steps_per_epoch = len(train_ids) // options.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"--batch-size: {options.batch_size} is larger than the training set "
+                             f"({len(train_ids)} rows)")
         total_steps = options.max_steps or max(1, int(options.epochs * steps_per_epoch))
         optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=options.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(options, total_steps))
@@ -225,7 +236,8 @@ def train(options: TrainOptions) -> dict:
             progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True)
         model.train()
         started, tokens = time.perf_counter(), 0
-        while state.step < total_steps:
+        end = min(total_steps, state.step + options.stop_after) if options.stop_after else total_steps
+        while state.step < end:
             order = list(range(len(train_ids)))
             random.Random(options.seed * 1000 + state.epoch).shuffle(order)
             skip = state.step - state.epoch * steps_per_epoch
@@ -233,7 +245,7 @@ def train(options: TrainOptions) -> dict:
                                                                   options.batch_size, pad_id, world)):
                 if index < skip:
                     continue
-                if state.step >= total_steps:
+                if state.step >= end:
                     break
                 with _autocast(options, world.device):
                     loss = model(input_ids=ids.to(world.device), attention_mask=mask.to(world.device),
@@ -249,7 +261,7 @@ def train(options: TrainOptions) -> dict:
                     rate = tokens / max(1e-9, time.perf_counter() - started)
                     progress.set_postfix(loss=f"{state.losses[-1]:.4f}", tok_s=f"{rate:,.0f}")
                     progress.update(1)
-                if options.eval_every and state.step % options.eval_every == 0 and state.step < total_steps:
+                if options.eval_every and state.step % options.eval_every == 0 and state.step < end:
                     _evaluate_and_save(core, eval_ids, eval_labels, options, pad_id, world, state, optimizer,
                                        scheduler, log)
             else:
@@ -270,10 +282,12 @@ def train(options: TrainOptions) -> dict:
 
 
 def _evaluate_and_save(core, eval_ids, eval_labels, options, pad_id, world, state, optimizer, scheduler, log):
+    metrics = None
     if world.main:
         metrics = evaluate(core, eval_ids, eval_labels, options, pad_id, world.device)
-        state.evaluations.append({"step": state.step, **metrics})
         log(f"step {state.step}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+    state.evaluations.append({"step": state.step, **world.from_main(metrics)})
+    if world.main:
         checkpoint.save(options.output_dir, core, optimizer, scheduler, state)
     world.barrier()
 

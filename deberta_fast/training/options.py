@@ -37,6 +37,7 @@ class TrainOptions:
     mlm_steps: int = 0
     mlm_learning_rate: float = 1e-3
     max_steps: int = 0  # 0 = epochs decide
+    stop_after: int = 0  # end this invocation after N steps (the schedule still spans the whole run); 0 = never
     dropout: float | None = None  # override the model's hidden/attention dropout (0 for exact comparisons)
     progress: bool = True
     log_file: str | None = None
@@ -59,6 +60,7 @@ class TrainOptions:
         need(self.eval_every >= 0, "eval_every", "an integer >= 0", self.eval_every)
         need(self.mlm_steps >= 0, "mlm_steps", "an integer >= 0", self.mlm_steps)
         need(self.max_steps >= 0, "max_steps", "an integer >= 0", self.max_steps)
+        need(self.stop_after >= 0, "stop_after", "an integer >= 0", self.stop_after)
         need(self.dropout is None or 0 <= self.dropout < 1, "dropout", "a number in [0, 1)", self.dropout)
         need(bool(self.adapter), "adapter", "an AdapterHub config string or 'full'", self.adapter)
         try:
