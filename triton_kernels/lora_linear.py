@@ -1,0 +1,423 @@
+"""LoRA linear kernels: one or three projections of one input, forward and backward.
+
+Projection j (j < P, P = 1 for a plain LoRA linear, 3 for q/k/v) of x [M, K]:
+
+    S_j = drop_j(x) · A_jᵀ                      [M, R]   A_j [R, K]  (rank r_j zero-padded to R)
+    Y_j = x · W_jᵀ + b_j + s_j · S_j · B_jᵀ     [M, N]   W_j [N, K], B_j [N, R]
+
+drop_j keeps an element with probability 1-p (mask from ``counter_rng``, stream j) and scales it by 1/(1-p);
+projections without LoRA (bit j of LORA_MASK clear) are the base linear alone.
+
+Backward, given dY_j:
+
+    dS_j = s_j · dY_j · B_j                    (dropout-free: S is linear in drop(x))
+    dX   = Σ_j dY_j · W_j + mask_j ⊙ (dS_j · A_j) / (1-p)
+    dA_j = dS_jᵀ · drop_j(x)        dB_j = s_j · dY_jᵀ · S_j
+
+Design (why two forward variants): x is read once either way.
+- p = 0: ``_lora_fwd_kernel`` computes S in the base GEMM's K-loop from the x tile already in registers
+  (R extra output columns, R/BLOCK_N ≈ 6-12% more MMA work) and adds s·S·Bᵀ in the epilogue, one launch.
+- p > 0: the mask would be redrawn by every N-tile program (hashing costs more than the MMA it feeds), so a
+  small row-block kernel ``_lora_down_kernel`` draws it once and writes S [P, M, R] (fp32, 64 B per row at
+  R = 16); the GEMM kernel then loads S in its epilogue (the LoRAFusion split).
+Backward: ``_lora_bwd_dx_kernel`` is the dX GEMM over N with dS computed in the same K-loop from the dY tile
+(so dY is read once for dX and dS) and dS·A added in the epilogue; ``_lora_bwd_weight_kernel`` reduces
+dA and dB over rows in fp32 row-split partials (summed afterwards: deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import bucket, dot_dtype, dot_precision, interpreter_config, interpreting, prune_for_device
+from .counter_rng import keep_mask
+
+MAX_RANK = 64
+
+
+def _gemm_configs(m_name, n_name, k_name):
+    shapes = [
+        (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
+    ]
+    configs = [interpreter_config(**{m_name: 64, n_name: 64, k_name: 32, "GROUP_M": 4})]
+    for bm, bn, bk, warps, stages in shapes:
+        configs.append(triton.Config({m_name: bm, n_name: bn, k_name: bk, "GROUP_M": 8},
+                                     num_warps=warps, num_stages=stages))
+    return configs
+
+
+@triton.jit
+def _pick(j, p0, p1, p2, NUM_PROJ: tl.constexpr):
+    """p0, p1 or p2 by projection index j (a runtime scalar)."""
+    if NUM_PROJ == 1:
+        return p0
+    else:
+        if j == 0:
+            out = p0
+        elif j == 1:
+            out = p1
+        else:
+            out = p2
+        return out
+
+
+@triton.jit
+def _swizzle(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row tiles share their column tiles while those are hot in L2."""
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _fwd_mainloop(x_ptr, w_ptr, a_ptr, offs_m, offs_n, M, N, K,
+                  WITH_S: tl.constexpr, EVEN_K: tl.constexpr, R: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x·W_jᵀ [BM, BN] and, when WITH_S, x·A_jᵀ [BM, R] from the same x tiles (fp32 accumulators)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R)
+    rows = (offs_m % M).to(tl.int64)  # wrapped rows: loads stay in bounds, the store is masked
+    cols = (offs_n % N).to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + cols[None, :] * K + offs_k[:, None]
+    a_ptrs = a_ptr + offs_r[None, :] * K + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s_acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < K - k0
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        xt = xt.to(DOT_DTYPE)
+        acc = tl.dot(xt, wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        if WITH_S:
+            if EVEN_K:
+                at = tl.load(a_ptrs)
+            else:
+                at = tl.load(a_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
+            s_acc = tl.dot(xt, at.to(DOT_DTYPE), s_acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    return acc, s_acc
+
+
+@triton.autotune(configs=_gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                 key=["M_BUCKET", "N", "K", "NUM_PROJ", "LORA_MASK", "S_FROM_MEMORY", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": prune_for_device})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _lora_fwd_kernel(
+    x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, a_ptr, b_ptr, scal_ptr, s_ptr, y_ptr,
+    M, N, K, M_BUCKET,
+    NUM_PROJ: tl.constexpr, LORA_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    S_FROM_MEMORY: tl.constexpr, STORE_S: tl.constexpr, R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y_j tile = x·W_jᵀ + b_j + s_j·S_j·B_jᵀ; S computed in the K-loop, or loaded when S_FROM_MEMORY."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_jn = _swizzle(tl.program_id(0), tiles_m, tiles_n * NUM_PROJ, GROUP_M)
+    proj = pid_jn // tiles_n
+    pid_n = pid_jn % tiles_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    w_ptr = _pick(proj, w0_ptr, w1_ptr, w2_ptr, NUM_PROJ)
+    a_proj = a_ptr + proj * R * K
+    has_lora = ((LORA_MASK >> proj) & 1) != 0
+
+    if (not S_FROM_MEMORY) and LORA_MASK != 0:
+        if has_lora:
+            acc, s_acc = _fwd_mainloop(x_ptr, w_ptr, a_proj, offs_m, offs_n, M, N, K, True, EVEN_K, R,
+                                       DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            acc, s_acc = _fwd_mainloop(x_ptr, w_ptr, a_proj, offs_m, offs_n, M, N, K, False, EVEN_K, R,
+                                       DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc, s_acc = _fwd_mainloop(x_ptr, w_ptr, a_proj, offs_m, offs_n, M, N, K, False, EVEN_K, R,
+                                   DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if LORA_MASK != 0:
+        if has_lora:
+            s_ptrs = s_ptr + proj * M * R + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+            if S_FROM_MEMORY:
+                s_acc = tl.load(s_ptrs, mask=m_ok[:, None], other=0.0)
+            elif STORE_S:
+                if pid_n == 0:
+                    tl.store(s_ptrs, s_acc, mask=m_ok[:, None])
+            bt = tl.load(b_ptr + proj * N * R + (offs_n % N)[None, :] * R + offs_r[:, None])  # B_jᵀ [R, BN]
+            low_rank = tl.dot(s_acc.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION)
+            acc += low_rank * tl.load(scal_ptr + proj)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + proj * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + proj * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=[interpreter_config(BLOCK_M=64, BLOCK_K=32)]
+                 + [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+                    for bm, bk, w in ((64, 128, 4), (128, 64, 4), (128, 128, 8), (32, 256, 4))],
+                 key=["M_BUCKET", "K", "R"], prune_configs_by={"early_config_prune": prune_for_device})
+@triton.jit(do_not_specialize=["key0", "key1", "key2", "threshold"])
+def _lora_down_kernel(
+    x_ptr, a_ptr, s_ptr, M, K, M_BUCKET, key0, key1, key2, threshold, keep_scale,
+    NUM_PROJ: tl.constexpr, LORA_MASK: tl.constexpr, R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """S_j[rows] = drop_j(x[rows]) · A_jᵀ; grid (row tiles, P). The mask is drawn once per element."""
+    pid_m = tl.program_id(0)
+    proj = tl.program_id(1)
+    if ((LORA_MASK >> proj) & 1) != 0:
+        key = _pick(proj, key0, key1, key2, NUM_PROJ)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, R)
+        m_ok = offs_m < M
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+        a_ptrs = a_ptr + proj * R * K + offs_r[None, :] * K + offs_k[:, None]
+        s_acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            keep = keep_mask(key, offs_m, k0 + offs_k, threshold)
+            xt = tl.where(keep, xt * keep_scale, 0.0)
+            at = tl.load(a_ptrs, mask=k_ok[:, None], other=0.0)
+            s_acc = tl.dot(xt.to(DOT_DTYPE), at.to(DOT_DTYPE), s_acc, input_precision=PRECISION)
+            x_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+        s_ptrs = s_ptr + proj * M * R + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+        tl.store(s_ptrs, s_acc, mask=m_ok[:, None])
+
+
+@triton.autotune(configs=_gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                 key=["M_BUCKET", "N", "K", "NUM_PROJ", "LORA_MASK", "NEED_DX"],
+                 prune_configs_by={"early_config_prune": prune_for_device})
+@triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
+@triton.jit(do_not_specialize=["key0", "key1", "key2", "threshold"])
+def _lora_bwd_dx_kernel(
+    dy_ptr, w0_ptr, w1_ptr, w2_ptr, a_ptr, b_ptr, scal_ptr, dx_ptr, ds_ptr,
+    M, N, K, M_BUCKET, key0, key1, key2, threshold, keep_scale,
+    NUM_PROJ: tl.constexpr, LORA_MASK: tl.constexpr, NEED_DX: tl.constexpr, STORE_DS: tl.constexpr,
+    DROPOUT: tl.constexpr, R: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dX tile [BM, BK] = Σ_j dY_j·W_j + mask_j ⊙ (dS_j·A_j)/(1-p), dS_j = s_j·dY_j·B_j from the same dY tiles.
+
+    The K-loop runs over N. Without NEED_DX the grid has one column of programs computing dS only.
+    """
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    if NEED_DX:
+        pid_m, pid_k = _swizzle(tl.program_id(0), tiles_m, tl.cdiv(K, BLOCK_K), GROUP_M)
+    else:
+        pid_m = tl.program_id(0)
+        pid_k = 0
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    rows = (offs_m % M).to(tl.int64)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for j in tl.static_range(NUM_PROJ):
+        HAS_J: tl.constexpr = ((LORA_MASK >> j) & 1) != 0
+        if j == 0:
+            w_ptr = w0_ptr
+            key = key0
+        elif j == 1:
+            w_ptr = w1_ptr
+            key = key1
+        else:
+            w_ptr = w2_ptr
+            key = key2
+        dy_ptrs = dy_ptr + j * M * N + rows[:, None] * N + offs_n[None, :]
+        w_ptrs = w_ptr + offs_n[:, None] * K + (offs_k % K)[None, :]
+        b_ptrs = b_ptr + j * N * R + offs_n[:, None] * R + offs_r[None, :]
+        ds = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            if EVEN_N:
+                dyt = tl.load(dy_ptrs)
+            else:
+                dyt = tl.load(dy_ptrs, mask=(offs_n < N - n0)[None, :], other=0.0)
+            dyt = dyt.to(DOT_DTYPE)
+            if NEED_DX:
+                if EVEN_N:
+                    wt = tl.load(w_ptrs)
+                else:
+                    wt = tl.load(w_ptrs, mask=(offs_n < N - n0)[:, None], other=0.0)
+                acc = tl.dot(dyt, wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            if HAS_J:
+                if EVEN_N:
+                    bt = tl.load(b_ptrs)
+                else:
+                    bt = tl.load(b_ptrs, mask=(offs_n < N - n0)[:, None], other=0.0)
+                ds = tl.dot(dyt, bt.to(DOT_DTYPE), ds, input_precision=PRECISION)
+            dy_ptrs += BLOCK_N
+            w_ptrs += BLOCK_N * K
+            b_ptrs += BLOCK_N * R
+        if HAS_J:
+            ds = ds * tl.load(scal_ptr + j)
+            if STORE_DS:
+                if pid_k == 0:
+                    ds_ptrs = ds_ptr + j * M * R + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+                    tl.store(ds_ptrs, ds, mask=m_ok[:, None])
+            if NEED_DX:
+                at = tl.load(a_ptr + j * R * K + offs_r[:, None] * K + (offs_k % K)[None, :])  # A_j [R, BK]
+                low_rank = tl.dot(ds.to(DOT_DTYPE), at.to(DOT_DTYPE), input_precision=PRECISION)
+                if DROPOUT:
+                    keep = keep_mask(key, offs_m, offs_k, threshold)
+                    low_rank = tl.where(keep, low_rank * keep_scale, 0.0)
+                acc += low_rank
+    if NEED_DX:
+        dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.autotune(configs=[interpreter_config(BLOCK_T=32, BLOCK_C=64)]
+                 + [triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w, num_stages=3)
+                    for bt, bc, w in ((64, 128, 4), (128, 128, 4), (64, 256, 8), (128, 64, 4))],
+                 key=["C", "R", "NUM_PROJ", "DROPOUT"], prune_configs_by={"early_config_prune": prune_for_device})
+@triton.jit(do_not_specialize=["key0", "key1", "key2", "threshold"])
+def _lora_bwd_weight_kernel(
+    p_ptr, q_ptr, out_ptr, M, C, rows_per_split, q_proj_stride, key0, key1, key2, threshold, keep_scale,
+    NUM_PROJ: tl.constexpr, LORA_MASK: tl.constexpr, DROPOUT: tl.constexpr, R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[j, split] = Σ_{rows of split} P_jᵀ · drop_j(Q_j)   [R, C] fp32 partials; grid (P, C tiles, splits).
+
+    dA: P = dS, Q = x (shared by all j: q_proj_stride 0, mask j). dB: P = S, Q = dY_j (no mask); gives dB_jᵀ/s_j.
+    The projection is the fastest grid axis so the three programs reading one x block run together (L2).
+    """
+    proj = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    split = tl.program_id(2)
+    if ((LORA_MASK >> proj) & 1) != 0:
+        key = _pick(proj, key0, key1, key2, NUM_PROJ)
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_r = tl.arange(0, R)
+        c_ok = offs_c < C
+        start = split * rows_per_split
+        stop = min(start + rows_per_split, M)
+        acc = tl.zeros((R, BLOCK_C), dtype=tl.float32)
+        for t0 in range(start, stop, BLOCK_T):
+            rows = t0 + offs_t
+            t_ok = rows < stop
+            pt = tl.load(p_ptr + proj * M * R + rows.to(tl.int64)[None, :] * R + offs_r[:, None],
+                         mask=t_ok[None, :], other=0.0)  # P_jᵀ [R, BT]
+            qt = tl.load(q_ptr + proj * q_proj_stride + rows.to(tl.int64)[:, None] * C + offs_c[None, :],
+                         mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+            if DROPOUT:
+                keep = keep_mask(key, rows, offs_c, threshold)
+                qt = tl.where(keep, qt.to(tl.float32) * keep_scale, 0.0)
+            acc = tl.dot(pt.to(DOT_DTYPE), qt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        out_ptrs = out_ptr + (proj * tl.num_programs(2) + split).to(tl.int64) * R * C + offs_r[:, None] * C
+        tl.store(out_ptrs + offs_c[None, :], acc, mask=c_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def padded_rank(rank: int) -> int:
+    """Rank padded for ``tl.dot`` (at least 16, a power of two)."""
+    return max(16, triton.next_power_of_2(int(rank)))
+
+
+def _three(items):
+    items = list(items)
+    return items + [items[0]] * (3 - len(items))
+
+
+def lora_forward(x, weights, bias_stack, a_stack, b_stack, scalings, lora_mask: int, keys, threshold: int,
+                 keep_scale: float, store_s: bool):
+    """Launch the forward. x [M, K] contiguous; weights: P tensors [N, K]; bias_stack [P, N] or None;
+    a_stack [P, R, K], b_stack [P, N, R] (zero-padded, zeros where a projection has no LoRA); scalings [P]
+    fp32. Returns (Y [P, M, N] in x's dtype, S [P, M, R] fp32 when stored or needed, else an empty tensor)."""
+    M, K = x.shape
+    P = len(weights)
+    N = weights[0].shape[0]
+    R = a_stack.shape[1]
+    y = torch.empty((P, M, N), dtype=x.dtype, device=x.device)
+    from_memory = threshold > 0 and lora_mask != 0
+    keep_s = lora_mask != 0 and (store_s or from_memory)
+    s = torch.empty((P, M, R) if keep_s else (0,), dtype=torch.float32, device=x.device)
+    common = dict(NUM_PROJ=P, LORA_MASK=lora_mask, R=R, DOT_DTYPE=dot_dtype(x.dtype),
+                  PRECISION=dot_precision(x.dtype))
+    if from_memory:
+        k0, k1, k2 = _three(keys)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), P)  # noqa: E731
+        _lora_down_kernel[grid](x, a_stack, s, M, K, bucket(M), k0, k1, k2, threshold, keep_scale, **common)
+    w0, w1, w2 = _three(weights)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]) * P,)  # noqa: E731
+    _lora_fwd_kernel[grid](
+        x, w0, w1, w2, bias_stack if bias_stack is not None else x, a_stack, b_stack, scalings, s, y,
+        M, N, K, bucket(M), HAS_BIAS=bias_stack is not None, S_FROM_MEMORY=from_memory,
+        STORE_S=keep_s, **common,
+    )
+    return y, s
+
+
+def lora_backward_dx(dy, weights, a_stack, b_stack, scalings, lora_mask: int, keys, threshold: int,
+                     keep_scale: float, need_dx: bool, store_ds: bool):
+    """dX [M, K] (or None) and dS [P, M, R] fp32 (or None) from dY [P, M, N] contiguous."""
+    P, M, N = dy.shape
+    K = weights[0].shape[1]
+    R = a_stack.shape[1]
+    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if need_dx else None
+    ds = torch.empty((P, M, R), dtype=torch.float32, device=dy.device) if store_ds else None
+    w0, w1, w2 = _three(weights)
+    k0, k1, k2 = _three(keys)
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"])
+        return (tiles * triton.cdiv(K, meta["BLOCK_K"]) if need_dx else tiles,)
+
+    _lora_bwd_dx_kernel[grid](
+        dy, w0, w1, w2, a_stack, b_stack, scalings, dx if need_dx else dy, ds if store_ds else dy,
+        M, N, K, bucket(M), k0, k1, k2, threshold, keep_scale,
+        NUM_PROJ=P, LORA_MASK=lora_mask, NEED_DX=need_dx, STORE_DS=store_ds, DROPOUT=threshold > 0, R=R,
+        DOT_DTYPE=dot_dtype(dy.dtype), PRECISION=dot_precision(dy.dtype),
+    )
+    return dx, ds
+
+
+def lora_weight_grad(p, q, q_shared: bool, lora_mask: int, keys, threshold: int, keep_scale: float):
+    """Σ_rows P_jᵀ · drop_j(Q_j) as fp32 [P, R, C]. p [P, M, R] fp32; q [M, C] (shared by all projections,
+    dropout applied when threshold > 0) or [P, M, C]."""
+    P, M, R = p.shape
+    C = q.shape[-1]
+    # Enough row splits to fill the GPU (~4 programs per SM), each a multiple of the largest BLOCK_T.
+    target = 8 if interpreting() else 4 * _sm_count(q.device)
+    tiles_c = triton.cdiv(C, 64)
+    splits = max(1, min(triton.cdiv(M, 256), triton.cdiv(target, P * tiles_c)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), 256) * 256
+    splits = triton.cdiv(M, rows_per_split) if M else 1
+    out = torch.zeros((P, splits, R, C), dtype=torch.float32, device=q.device)
+    k0, k1, k2 = _three(keys)
+    grid = lambda meta: (P, triton.cdiv(C, meta["BLOCK_C"]), splits)  # noqa: E731
+    _lora_bwd_weight_kernel[grid](
+        p, q, out, M, C, rows_per_split, 0 if q_shared else M * C, k0, k1, k2, threshold, keep_scale,
+        NUM_PROJ=P, LORA_MASK=lora_mask, DROPOUT=q_shared and threshold > 0, R=R,
+        DOT_DTYPE=dot_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
+    )
+    return out.sum(dim=1)
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
