@@ -606,7 +606,7 @@ def compile_for_hopper():
         fn = jit_of(kernel)
         signature = {}
         for name in fn.arg_names:
-            if name in constexprs or name in config:
+            if name in constexprs or name in config.kwargs:
                 signature[name] = "constexpr"
             elif name in pointers:
                 signature[name] = pointers[name]
@@ -622,35 +622,37 @@ def compile_for_hopper():
         assert "cubin" in compiled.asm
         return compiled
 
-    def gpu_config(kernel):
-        return [c for c in kernel.configs if not getattr(c, "interpreter_only", False)][0]
+    def gpu_config(kernel, kind):
+        return [c for c in kernel.configs if getattr(c, "kind", None) == kind][0]
 
-    for dt, tl_dt in (("bf16", tl.bfloat16), ("fp32", tl.float32)):
+    for dt, tl_dt, kind, variants in (("bf16", tl.bfloat16, "half", ((1, 1, False), (3, 5, False), (3, 7, True))),
+                                      ("fp32", tl.float32, "fp32", ((3, 7, True),))):
         precision = "ieee" if dt == "fp32" else "tf32"
         lora_ptrs = {n: f"*{dt}" for n in ("x_ptr", "w0_ptr", "w1_ptr", "w2_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr",
                                             "dy_ptr", "dx_ptr", "q_ptr")}
         lora_ptrs.update({n: "*fp32" for n in ("scal_ptr", "s_ptr", "ds_ptr", "p_ptr", "out_ptr")})
-        for num_proj, mask, from_memory in ((1, 1, False), (3, 5, False), (3, 7, True)):
+        for num_proj, mask, dropout in variants:
             build(lora_linear._lora_fwd_kernel, lora_ptrs,
-                  dict(NUM_PROJ=num_proj, LORA_MASK=mask, HAS_BIAS=True, S_FROM_MEMORY=from_memory, STORE_S=True,
+                  dict(NUM_PROJ=num_proj, LORA_MASK=mask, HAS_BIAS=True, S_FROM_MEMORY=dropout, STORE_S=True,
                        R=16, DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_K=True),
-                  gpu_config(lora_linear._lora_fwd_kernel))
+                  gpu_config(lora_linear._lora_fwd_kernel, kind))
             build(lora_linear._lora_bwd_dx_kernel, lora_ptrs,
-                  dict(NUM_PROJ=num_proj, LORA_MASK=mask, NEED_DX=True, STORE_DS=True, DROPOUT=from_memory, R=16,
-                       DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_N=False), gpu_config(lora_linear._lora_bwd_dx_kernel))
+                  dict(NUM_PROJ=num_proj, LORA_MASK=mask, NEED_DX=True, STORE_DS=True, DROPOUT=dropout, R=16,
+                       DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_N=False),
+                  gpu_config(lora_linear._lora_bwd_dx_kernel, kind))
             build(lora_linear._lora_bwd_weight_kernel, lora_ptrs,
-                  dict(NUM_PROJ=num_proj, LORA_MASK=mask, DROPOUT=from_memory, R=16, DOT_DTYPE=tl_dt,
-                       PRECISION=precision), gpu_config(lora_linear._lora_bwd_weight_kernel))
+                  dict(NUM_PROJ=num_proj, LORA_MASK=mask, DROPOUT=dropout, R=16, DOT_DTYPE=tl_dt,
+                       PRECISION=precision), gpu_config(lora_linear._lora_bwd_weight_kernel, kind))
         build(lora_linear._lora_down_kernel, lora_ptrs,
               dict(NUM_PROJ=3, LORA_MASK=7, R=32, DOT_DTYPE=tl_dt, PRECISION=precision),
-              gpu_config(lora_linear._lora_down_kernel))
+              gpu_config(lora_linear._lora_down_kernel, kind))
         fl_ptrs = {n: f"*{dt}" for n in ("a_ptr", "b_ptr", "bias_ptr", "residual_ptr", "aux_ptr", "out_ptr")}
         fl_ptrs.update(scale_ptr="*fp32", colsum_ptr="*fp32")
         for act, act_grad, scale_mode, colsum in ((2, False, 3, False), (4, True, 0, True), (3, False, 1, False)):
             build(fused_linear._fused_linear_kernel, fl_ptrs,
                   dict(HAS_BIAS=True, ACT=act, ACT_GRAD=act_grad, STORE_PRE=not act_grad, SCALE_MODE=scale_mode,
                        HAS_RESIDUAL=True, COLSUM_A=colsum, DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_K=False),
-                  gpu_config(fused_linear._fused_linear_kernel))
+                  gpu_config(fused_linear._fused_linear_kernel, kind))
     build(counter_rng._keep_mask_kernel, {"out_ptr": "*i8"}, dict(BLOCK_R=32, BLOCK_C=32),
           triton.Config({}, num_warps=4, num_stages=1))
     print("compiled")

@@ -2,8 +2,10 @@
 
 Under ``TRITON_INTERPRET=1`` bf16 arithmetic is wrong (values are held as raw uint16), so kernels upcast what
 they load to fp32 there; on a GPU they feed ``tl.dot`` the input dtype (fp32 inputs use exact "ieee" dots,
-not TF32). Every autotuned kernel lists one small interpreter config first; ``prune_for_device`` keeps only it
-when interpreting and drops it otherwise, at call time, so importing a kernel module does no work.
+not TF32). Every autotuned kernel has three config lists, chosen at call time by ``prune_by_dtype``: one small
+config for the interpreter, tensor-core tiles for fp16/bf16, and small tiles for exact fp32 (FMA dots, whose
+large tiles spill registers and take minutes to compile). ``DEBERTA_FAST_AUTOTUNE=0`` keeps only the first
+config of a list (correctness runs that should not pay for tuning).
 """
 
 from __future__ import annotations
@@ -33,17 +35,32 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dot_dtype(dtype) == tl.float32 else "tf32"
 
 
-def interpreter_config(**meta) -> triton.Config:
-    config = triton.Config(dict(meta), num_warps=4, num_stages=1)
-    config.interpreter_only = True
-    return config
+def make_configs(interpreter: dict, half, fp32) -> list[triton.Config]:
+    """Configs tagged with the inputs they are for. half / fp32: lists of (meta dict, num_warps, num_stages)."""
+    configs = [triton.Config(dict(interpreter), num_warps=4, num_stages=1)]
+    configs[0].kind = "interpreter"
+    for kind, entries in (("half", half), ("fp32", fp32)):
+        for meta, warps, stages in entries:
+            config = triton.Config(dict(meta), num_warps=warps, num_stages=stages)
+            config.kind = kind
+            configs.append(config)
+    return configs
 
 
-def prune_for_device(configs, named_args, **kwargs):
-    """``early_config_prune`` hook: the interpreter config alone when interpreting, the others on a GPU."""
-    wanted = interpreting()
-    kept = [c for c in configs if getattr(c, "interpreter_only", False) == wanted]
-    return kept or list(configs[:1])
+def prune_by_dtype(tensor_arg: str):
+    """``early_config_prune`` hook choosing the config list by the dtype of the kernel argument ``tensor_arg``."""
+
+    def prune(configs, named_args, **kwargs):
+        if interpreting():
+            kind = "interpreter"
+        else:
+            kind = "fp32" if named_args[tensor_arg].dtype == torch.float32 else "half"
+        kept = [c for c in configs if getattr(c, "kind", None) == kind] or list(configs[:1])
+        if os.environ.get("DEBERTA_FAST_AUTOTUNE", "1") == "0":
+            kept = kept[:1]
+        return kept
+
+    return prune
 
 
 def bucket(n: int) -> int:

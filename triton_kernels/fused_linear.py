@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import bucket, dot_dtype, dot_precision, interpreter_config, prune_for_device
+from ._config import bucket, dot_dtype, dot_precision, make_configs, prune_by_dtype
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "swish": 3, "silu": 3, "tanh": 4}
 SCALE_NONE, SCALE_VALUE, SCALE_SCALAR, SCALE_VECTOR = 0, 1, 2, 3
@@ -65,21 +65,23 @@ def activation_grad(z, ACT: tl.constexpr):
     return g
 
 
-def _configs():
-    shapes = [
-        (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-        (128, 256, 64, 8, 3), (128, 32, 64, 4, 4), (64, 32, 32, 4, 4), (128, 64, 32, 4, 4),
-    ]
-    configs = [interpreter_config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
-    for bm, bn, bk, warps, stages in shapes:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                     num_warps=warps, num_stages=stages))
-    return configs
+def _tiles(*entries):
+    return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages)
+            for bm, bn, bk, warps, stages in entries]
 
 
-@triton.autotune(configs=_configs(),
+# Narrow N tiles serve the bottleneck's [rows, m] GEMMs (m = H/16 = 48 at base width), wide ones the H-wide
+# up-projection and IA³.
+_CONFIGS = make_configs(
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+    half=_tiles((128, 64, 64, 4, 4), (128, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)),
+    fp32=_tiles((64, 64, 32, 4, 2), (32, 64, 32, 4, 2)),
+)
+
+
+@triton.autotune(configs=_CONFIGS,
                  key=["M_BUCKET", "N", "K", "ACT", "ACT_GRAD", "HAS_RESIDUAL", "STORE_PRE", "COLSUM_A"],
-                 prune_configs_by={"early_config_prune": prune_for_device},
+                 prune_configs_by={"early_config_prune": prune_by_dtype("a_ptr")},
                  # colsum holds per-row-tile partials whose count depends on BLOCK_M: zero it between tries.
                  reset_to_zero=["colsum_ptr"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})

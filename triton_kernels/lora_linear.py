@@ -31,22 +31,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import bucket, dot_dtype, dot_precision, interpreter_config, interpreting, prune_for_device
+from ._config import bucket, dot_dtype, dot_precision, interpreting, make_configs, prune_by_dtype
 from .counter_rng import keep_mask
 
 MAX_RANK = 64
 
 
-def _gemm_configs(m_name, n_name, k_name):
-    shapes = [
-        (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
-    ]
-    configs = [interpreter_config(**{m_name: 64, n_name: 64, k_name: 32, "GROUP_M": 4})]
-    for bm, bn, bk, warps, stages in shapes:
-        configs.append(triton.Config({m_name: bm, n_name: bn, k_name: bk, "GROUP_M": 8},
-                                     num_warps=warps, num_stages=stages))
-    return configs
+def _tiles(*entries):
+    return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages)
+            for bm, bn, bk, warps, stages in entries]
+
+
+_INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)
+# Forward: BLOCK_N is the output tile (x W_jᵀ columns); wider tiles amortise the R extra S columns.
+_FWD_CONFIGS = make_configs(
+    _INTERPRETER_TILES,
+    half=_tiles((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4)),
+    fp32=_tiles((64, 64, 32, 4, 2), (32, 64, 32, 4, 2)),
+)
+# dX: BLOCK_N is the loop step over N, BLOCK_K the dX column tile.
+_DX_CONFIGS = make_configs(
+    _INTERPRETER_TILES,
+    half=_tiles((128, 64, 128, 8, 3), (128, 128, 64, 4, 3), (64, 64, 128, 4, 4), (128, 64, 64, 4, 4)),
+    fp32=_tiles((64, 32, 64, 4, 2), (32, 32, 64, 4, 2)),
+)
 
 
 @triton.jit
@@ -111,9 +119,9 @@ def _fwd_mainloop(x_ptr, w_ptr, a_ptr, offs_m, offs_n, M, N, K,
     return acc, s_acc
 
 
-@triton.autotune(configs=_gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+@triton.autotune(configs=_FWD_CONFIGS,
                  key=["M_BUCKET", "N", "K", "NUM_PROJ", "LORA_MASK", "S_FROM_MEMORY", "HAS_BIAS"],
-                 prune_configs_by={"early_config_prune": prune_for_device})
+                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _lora_fwd_kernel(
@@ -159,18 +167,20 @@ def _lora_fwd_kernel(
                 if pid_n == 0:
                     tl.store(s_ptrs, s_acc, mask=m_ok[:, None])
             bt = tl.load(b_ptr + proj * N * R + (offs_n % N)[None, :] * R + offs_r[:, None])  # B_jᵀ [R, BN]
-            low_rank = tl.dot(s_acc.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION)
-            acc += low_rank * tl.load(scal_ptr + proj)
+            # Accumulate into acc (a separate [BM, BN] result would double the accumulator registers).
+            scaled = (s_acc * tl.load(scal_ptr + proj)).to(DOT_DTYPE)
+            acc = tl.dot(scaled, bt.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + proj * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + proj * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=[interpreter_config(BLOCK_M=64, BLOCK_K=32)]
-                 + [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-                    for bm, bk, w in ((64, 128, 4), (128, 64, 4), (128, 128, 8), (32, 256, 4))],
-                 key=["M_BUCKET", "K", "R"], prune_configs_by={"early_config_prune": prune_for_device})
+@triton.autotune(configs=make_configs(dict(BLOCK_M=64, BLOCK_K=32),
+                                      half=[(dict(BLOCK_M=64, BLOCK_K=128), 4, 3), (dict(BLOCK_M=128, BLOCK_K=64), 4, 3),
+                                            (dict(BLOCK_M=128, BLOCK_K=128), 8, 3)],
+                                      fp32=[(dict(BLOCK_M=64, BLOCK_K=64), 4, 2)]),
+                 key=["M_BUCKET", "K", "R"], prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
 @triton.jit(do_not_specialize=["key0", "key1", "key2", "threshold"])
 def _lora_down_kernel(
     x_ptr, a_ptr, s_ptr, M, K, M_BUCKET, key0, key1, key2, threshold, keep_scale,
@@ -202,9 +212,8 @@ def _lora_down_kernel(
         tl.store(s_ptrs, s_acc, mask=m_ok[:, None])
 
 
-@triton.autotune(configs=_gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-                 key=["M_BUCKET", "N", "K", "NUM_PROJ", "LORA_MASK", "NEED_DX"],
-                 prune_configs_by={"early_config_prune": prune_for_device})
+@triton.autotune(configs=_DX_CONFIGS, key=["M_BUCKET", "N", "K", "NUM_PROJ", "LORA_MASK", "NEED_DX"],
+                 prune_configs_by={"early_config_prune": prune_by_dtype("dy_ptr")})
 @triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=["key0", "key1", "key2", "threshold"])
 def _lora_bwd_dx_kernel(
@@ -234,7 +243,6 @@ def _lora_bwd_dx_kernel(
     k_ok = offs_k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for j in tl.static_range(NUM_PROJ):
-        HAS_J: tl.constexpr = ((LORA_MASK >> j) & 1) != 0
         if j == 0:
             w_ptr = w0_ptr
             key = key0
@@ -260,7 +268,7 @@ def _lora_bwd_dx_kernel(
                 else:
                     wt = tl.load(w_ptrs, mask=(offs_n < N - n0)[:, None], other=0.0)
                 acc = tl.dot(dyt, wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
-            if HAS_J:
+            if ((LORA_MASK >> j) & 1) != 0:
                 if EVEN_N:
                     bt = tl.load(b_ptrs)
                 else:
@@ -269,7 +277,7 @@ def _lora_bwd_dx_kernel(
             dy_ptrs += BLOCK_N
             w_ptrs += BLOCK_N * K
             b_ptrs += BLOCK_N * R
-        if HAS_J:
+        if ((LORA_MASK >> j) & 1) != 0:
             ds = ds * tl.load(scal_ptr + j)
             if STORE_DS:
                 if pid_k == 0:
@@ -277,20 +285,22 @@ def _lora_bwd_dx_kernel(
                     tl.store(ds_ptrs, ds, mask=m_ok[:, None])
             if NEED_DX:
                 at = tl.load(a_ptr + j * R * K + offs_r[:, None] * K + (offs_k % K)[None, :])  # A_j [R, BK]
-                low_rank = tl.dot(ds.to(DOT_DTYPE), at.to(DOT_DTYPE), input_precision=PRECISION)
                 if DROPOUT:
+                    low_rank = tl.dot(ds.to(DOT_DTYPE), at.to(DOT_DTYPE), input_precision=PRECISION)
                     keep = keep_mask(key, offs_m, offs_k, threshold)
-                    low_rank = tl.where(keep, low_rank * keep_scale, 0.0)
-                acc += low_rank
+                    acc += tl.where(keep, low_rank * keep_scale, 0.0)
+                else:
+                    acc = tl.dot(ds.to(DOT_DTYPE), at.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if NEED_DX:
         dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
-@triton.autotune(configs=[interpreter_config(BLOCK_T=32, BLOCK_C=64)]
-                 + [triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w, num_stages=3)
-                    for bt, bc, w in ((64, 128, 4), (128, 128, 4), (64, 256, 8), (128, 64, 4))],
-                 key=["C", "R", "NUM_PROJ", "DROPOUT"], prune_configs_by={"early_config_prune": prune_for_device})
+@triton.autotune(configs=make_configs(dict(BLOCK_T=32, BLOCK_C=64),
+                                      half=[(dict(BLOCK_T=64, BLOCK_C=128), 4, 3), (dict(BLOCK_T=128, BLOCK_C=128), 4, 3),
+                                            (dict(BLOCK_T=64, BLOCK_C=256), 8, 3)],
+                                      fp32=[(dict(BLOCK_T=32, BLOCK_C=64), 4, 2)]),
+                 key=["C", "R", "NUM_PROJ", "DROPOUT"], prune_configs_by={"early_config_prune": prune_by_dtype("q_ptr")})
 @triton.jit(do_not_specialize=["key0", "key1", "key2", "threshold"])
 def _lora_bwd_weight_kernel(
     p_ptr, q_ptr, out_ptr, M, C, rows_per_split, q_proj_stride, key0, key1, key2, threshold, keep_scale,
