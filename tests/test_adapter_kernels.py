@@ -610,7 +610,7 @@ def compile_for_hopper():
                 signature[name] = "constexpr"
             elif name in pointers:
                 signature[name] = pointers[name]
-            elif name in ("keep_scale", "scale_value"):
+            elif name in ("keep_scale", "scale_value", "scal0", "scal1", "scal2"):
                 signature[name] = "fp32"
             else:
                 signature[name] = "i32"
@@ -628,12 +628,12 @@ def compile_for_hopper():
     for dt, tl_dt, kind, variants in (("bf16", tl.bfloat16, "half", ((1, 1, False), (3, 5, False), (3, 7, True))),
                                       ("fp32", tl.float32, "fp32", ((3, 7, True),))):
         precision = "ieee" if dt == "fp32" else "tf32"
-        lora_ptrs = {n: f"*{dt}" for n in ("x_ptr", "w0_ptr", "w1_ptr", "w2_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr",
-                                            "dy_ptr", "dx_ptr", "q_ptr")}
-        lora_ptrs.update({n: "*fp32" for n in ("scal_ptr", "s_ptr", "ds_ptr", "p_ptr", "out_ptr")})
+        lora_ptrs = {f"{n}{j}_ptr": f"*{dt}" for n in ("w", "bias", "a", "b") for j in range(3)}
+        lora_ptrs.update({n: f"*{dt}" for n in ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr")})
+        lora_ptrs.update({n: "*fp32" for n in ("s_ptr", "ds_ptr", "da_ptr", "db_ptr")})
         for num_proj, mask, dropout in variants:
             build(lora_linear._lora_fwd_kernel, lora_ptrs,
-                  dict(NUM_PROJ=num_proj, LORA_MASK=mask, HAS_BIAS=True, S_FROM_MEMORY=dropout, STORE_S=True,
+                  dict(NUM_PROJ=num_proj, LORA_MASK=mask, BIAS_MASK=7 - mask, S_FROM_MEMORY=dropout, STORE_S=True,
                        R=16, DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_K=True),
                   gpu_config(lora_linear._lora_fwd_kernel, kind))
             build(lora_linear._lora_bwd_dx_kernel, lora_ptrs,
@@ -641,8 +641,8 @@ def compile_for_hopper():
                        DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_N=False),
                   gpu_config(lora_linear._lora_bwd_dx_kernel, kind))
             build(lora_linear._lora_bwd_weight_kernel, lora_ptrs,
-                  dict(NUM_PROJ=num_proj, LORA_MASK=mask, DROPOUT=dropout, R=16, DOT_DTYPE=tl_dt,
-                       PRECISION=precision), gpu_config(lora_linear._lora_bwd_weight_kernel, kind))
+                  dict(NUM_PROJ=num_proj, LORA_MASK=mask, WHICH_FIRST=0, WHICH_COUNT=2, DROPOUT=dropout, R=16,
+                       DOT_DTYPE=tl_dt, PRECISION=precision), gpu_config(lora_linear._lora_bwd_weight_kernel, kind))
         build(lora_linear._lora_down_kernel, lora_ptrs,
               dict(NUM_PROJ=3, LORA_MASK=7, R=32, DOT_DTYPE=tl_dt, PRECISION=precision),
               gpu_config(lora_linear._lora_down_kernel, kind))

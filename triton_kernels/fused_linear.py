@@ -74,7 +74,7 @@ def _tiles(*entries):
 # up-projection and IA³.
 _CONFIGS = make_configs(
     dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-    half=_tiles((128, 64, 64, 4, 4), (128, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)),
+    half=_tiles((128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)),
     fp32=_tiles((64, 64, 32, 4, 2), (32, 64, 32, 4, 2)),
 )
 

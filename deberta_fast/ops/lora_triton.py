@@ -33,23 +33,11 @@ def _present(t: Tensor) -> bool:
 
 def _rank_of(lora_As: Sequence[Tensor]) -> int:
     ranks = [a.shape[0] for a in lora_As if _present(a)]
-    return _kernels().padded_rank(max(ranks)) if ranks else 16
+    return max(16, 1 << (max(ranks) - 1).bit_length()) if ranks else 16
 
 
-def _lora_mask(lora_As) -> int:
-    return sum(1 << j for j, a in enumerate(lora_As) if _present(a))
-
-
-def _stack_lora(lora_As, lora_Bs, R: int, K: int, N: int, like: Tensor):
-    """A [P, R, K] and B [P, N, R] zero-padded to rank R (zeros where a projection has no LoRA)."""
-    P = len(lora_As)
-    a_stack = like.new_zeros((P, R, K))
-    b_stack = like.new_zeros((P, N, R))
-    for j, (a, b) in enumerate(zip(lora_As, lora_Bs)):
-        if _present(a):
-            a_stack[j, : a.shape[0]] = a
-            b_stack[j, :, : b.shape[1]] = b
-    return a_stack, b_stack
+def _or_none(tensors: Sequence[Tensor]) -> list[Tensor | None]:
+    return [t.contiguous() if _present(t) else None for t in tensors]
 
 
 def _keys(seed: int, dropout_p: float, P: int):
@@ -76,16 +64,9 @@ def lora_projections(
     if x2.shape[0] == 0:
         s_shape = (P, 0, R) if _keeps_s(lora_As, dropout_p, save_s) else (0,)
         return x.new_empty((P, 0, N)), x.new_empty(s_shape, dtype=torch.float32)
-    weights = [w.contiguous() for w in weights]
-    if any(_present(b) for b in biases):
-        bias_stack = torch.stack([b if _present(b) else x.new_zeros(N) for b in biases])
-    else:
-        bias_stack = None
-    a_stack, b_stack = _stack_lora(lora_As, lora_Bs, R, K, N, x2)
-    scal = torch.tensor([float(s) for s in scalings], dtype=torch.float32, device=x.device)
     keys, threshold, keep_scale = _keys(seed, dropout_p, P)
-    y, s = _kernels().lora_forward(x2, weights, bias_stack, a_stack, b_stack, scal, _lora_mask(lora_As), keys,
-                                   threshold, keep_scale, store_s=save_s)
+    y, s = _kernels().lora_forward(x2, [w.contiguous() for w in weights], _or_none(biases), _or_none(lora_As),
+                                   _or_none(lora_Bs), scalings, keys, threshold, keep_scale, store_s=save_s)
     return y, s
 
 
@@ -107,39 +88,30 @@ def lora_projections_backward(
     x2 = x.reshape(-1, K).contiguous()
     P, M, N = dy.shape
     R = _rank_of(lora_As)
-    mask = _lora_mask(lora_As)
-    need_a = need_a and mask != 0
-    need_b = need_b and mask != 0
-    dx = x.new_zeros(x.shape) if need_dx else x.new_empty((0,))
-    da = x.new_zeros((P, R, K) if need_a else (0,), dtype=torch.float32)
-    db = x.new_zeros((P, R, N) if need_b else (0,), dtype=torch.float32)
+    present = any(_present(a) for a in lora_As)
+    need_a, need_b = need_a and present, need_b and present
     if M == 0 or not (need_dx or need_a or need_b):
+        dx = x.new_zeros(x.shape) if need_dx else x.new_empty((0,))
+        da = x.new_zeros((P, R, K) if need_a else (0,), dtype=torch.float32)
+        db = x.new_zeros((P, R, N) if need_b else (0,), dtype=torch.float32)
         return dx, da, db
-    dy = dy.contiguous()
-    weights = [w.contiguous() for w in weights]
-    a_stack, b_stack = _stack_lora(lora_As, lora_Bs, R, K, N, x2)
-    scal = torch.tensor([float(v) for v in scalings], dtype=torch.float32, device=x.device)
     keys, threshold, keep_scale = _keys(seed, dropout_p, P)
-    kernels = _kernels()
-    if need_dx or need_a:
-        dx2, ds = kernels.lora_backward_dx(dy, weights, a_stack, b_stack, scal, mask, keys, threshold, keep_scale,
-                                           need_dx=need_dx, store_ds=need_a)
-        if need_dx:
-            dx = dx2.reshape(x.shape)
-        if need_a:
-            da = kernels.lora_weight_grad(ds, x2, True, mask, keys, threshold, keep_scale)
-    if need_b:
-        db = kernels.lora_weight_grad(s, dy, False, mask, keys, 0, 1.0) * scal[:, None, None]
+    dx, da, db = _kernels().lora_backward(
+        dy.contiguous(), x2, [w.contiguous() for w in weights], _or_none(lora_As), _or_none(lora_Bs), scalings, s,
+        keys, threshold, keep_scale, need_dx, need_a, need_b)
+    dx = dx.reshape(x.shape) if need_dx else x.new_empty((0,))
+    da = da if need_a else x.new_empty((0,), dtype=torch.float32)
+    db = db if need_b else x.new_empty((0,), dtype=torch.float32)
     return dx, da, db
 
 
 @lora_projections_backward.register_fake
 def _(dy, x, weights, lora_As, lora_Bs, s, scalings, dropout_p, seed, need_dx, need_a, need_b):
     P, _, N = dy.shape
-    R, mask = _rank_of(lora_As), _lora_mask(lora_As)
+    R, present = _rank_of(lora_As), any(_present(a) for a in lora_As)
     dx = x.new_empty(x.shape if need_dx else (0,))
-    da = x.new_empty((P, R, x.shape[-1]) if need_a and mask else (0,), dtype=torch.float32)
-    db = x.new_empty((P, R, N) if need_b and mask else (0,), dtype=torch.float32)
+    da = x.new_empty((P, R, x.shape[-1]) if need_a and present else (0,), dtype=torch.float32)
+    db = x.new_empty((P, R, N) if need_b and present else (0,), dtype=torch.float32)
     return dx, da, db
 
 
