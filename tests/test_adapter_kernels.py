@@ -560,6 +560,35 @@ def test_custom_ops_pass_opcheck():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def test_ops_compile_fullgraph():
+    """The ops trace into one graph under torch.compile (fake impls, registered autograd)."""
+    x, w, b, a, bb = lora_inputs((2, 7, 48), 32, 4)
+    wd, bd, wu, bu = rand(6, 48, grad=True), rand(6, grad=True), rand(48, 6, grad=True), rand(48, grad=True)
+
+    def f(x, a, bb, wd):
+        y = lora_linear(x, w, b, a, bb, 0.5, 0.1, seed=3, backend="triton")
+        return bottleneck_adapter(x, wd, bd, wu, bu, x, activation="gelu", scaling=2.0, backend="triton").sum() + y.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    inputs = (x, a, bb, wd)
+    expected = torch.autograd.grad(f(*inputs), inputs)
+    for got, want in zip(torch.autograd.grad(compiled(*inputs), inputs), expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_dry_run(tmp_path):
+    """bench/gpu_adapters.py runs end to end on tiny shapes (interpreter) and writes its CSV."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_adapters.py")
+    out = tmp_path / "adapters.csv"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, script, "--dry-run", "--widths", "48", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text()
+    assert "correctness" in text and "timing" in text and "target" in text and "gpu" in text.splitlines()[0]
+
+
 # --------------------------------------------------------------------------------------------------- GPU
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from . import adapter_triton, counter_dropout
+from . import adapter_triton, counter_dropout, dispatch
 from .lora import check_lora_inputs, lora_linear_reference
 
 OP_NAME = "lora_qkv"
@@ -41,8 +41,8 @@ def lora_qkv_reference(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, 
 
 
 CANDIDATES = (
-    adapter_triton.dispatch.Candidate("triton", "cuda", adapter_triton.lora_qkv_reasons),
-    adapter_triton.dispatch.Candidate("reference", None, lambda *call: []),
+    dispatch.Candidate("triton", "cuda", adapter_triton.lora_qkv_reasons),
+    dispatch.Candidate("reference", None, lambda *call: []),
 )
 _RUN = {"triton": adapter_triton.lora_qkv, "reference": lora_qkv_reference}
 
