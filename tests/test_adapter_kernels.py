@@ -560,6 +560,23 @@ def test_custom_ops_pass_opcheck():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def test_autocast_casts_inputs_and_keeps_fp32_gradients():
+    """Under autocast (fp32 adapter weights, low-precision compute) the kernels run in the autocast dtype and
+    the fp32 parameters get fp32 gradients, as with autocast's own linear layers."""
+    x, w, b, a, bb = lora_inputs((2, 20, 48), 80, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, w, b, a, bb, 2.0, backend="triton")
+        ref = lora_linear_reference(x, w, b, a, bb, 2.0)
+    assert y.dtype == torch.bfloat16
+    ga, gb = torch.autograd.grad(y.float().sum(), (a, bb))
+    ra, rb = torch.autograd.grad(ref.float().sum(), (a, bb))
+    assert ga.dtype == torch.float32 and gb.dtype == torch.float32
+    oracle = lora_linear_reference(*[t.detach().bfloat16().double() for t in (x, w, b, a, bb)], 2.0)
+    within_budget("autocast output", y, ref, oracle, torch.bfloat16)
+    torch.testing.assert_close(ga, ra, rtol=2e-2, atol=2e-2 * ra.abs().max().item())
+    torch.testing.assert_close(gb, rb, rtol=2e-2, atol=2e-2 * rb.abs().max().item())
+
+
 def test_ops_compile_fullgraph():
     """The ops trace into one graph under torch.compile (fake impls, registered autograd)."""
     x, w, b, a, bb = lora_inputs((2, 7, 48), 32, 4)

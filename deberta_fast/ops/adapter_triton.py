@@ -4,7 +4,9 @@ Each ``*_reasons(*call)`` takes the dispatch call tuple of its op (``lora.py``, 
 ``bottleneck.py``) and returns what stops the kernels (empty when they can serve the call); the run functions
 take the same tuple. The kernels run on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1``
 (tests) and only when the triton backend is asked for explicitly: ``auto`` never picks a backend meant for
-another device (see ``select``). The custom ops behind the run functions live in ``lora_triton.py``,
+another device (see ``select``). Under ``torch.autocast`` the floating-point inputs are cast to the autocast
+dtype first, as autocast does for a linear layer (mixed-precision training keeps fp32 adapter weights; their
+gradients flow back through the cast). The custom ops behind the run functions live in ``lora_triton.py``,
 ``ia3_triton.py`` and ``bottleneck_triton.py``.
 """
 
@@ -30,6 +32,22 @@ def select(op_name: str, backend, candidates, device_type: str, *call) -> str:
     return dispatch.select(op_name, requested, candidates, device_type, *call)
 
 
+def _autocast_dtype(device_type: str):
+    """The dtype autocast casts linear-layer inputs to on this device, or None outside autocast."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast(*tensors):
+    """The tensors cast to the autocast dtype of their device (unchanged outside autocast)."""
+    ref = next(t for t in tensors if isinstance(t, torch.Tensor))
+    dtype = _autocast_dtype(ref.device.type)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def _tensor_reasons(named: dict, reference_name: str) -> list[str]:
     """Device, dtype and availability reasons shared by every adapter op."""
     reasons = []
@@ -40,14 +58,18 @@ def _tensor_reasons(named: dict, reference_name: str) -> list[str]:
     if ref.device.type != "cuda" and not (ref.device.type == "cpu" and interpreting):
         reasons.append(f"{reference_name} is on {ref.device.type}: the triton kernels need CUDA tensors "
                        "(CPU tensors run only under TRITON_INTERPRET=1, for tests)")
-    if ref.dtype not in _DTYPES:
+    autocast_dtype = _autocast_dtype(ref.device.type)
+    if autocast_dtype is not None:
+        if autocast_dtype not in _DTYPES:
+            reasons.append(f"autocast dtype {autocast_dtype}; the kernels take float16, bfloat16 or float32")
+    elif ref.dtype not in _DTYPES:
         reasons.append(f"{reference_name} has dtype {ref.dtype}; the kernels take float16, bfloat16 or float32")
     for name, tensor in named.items():
         if tensor is None or name == reference_name:
             continue
         if tensor.device != ref.device:
             reasons.append(f"{name} is on {tensor.device} but {reference_name} on {ref.device}")
-        if tensor.dtype != ref.dtype:
+        if autocast_dtype is None and tensor.dtype != ref.dtype:
             reasons.append(f"{name} has dtype {tensor.dtype} but {reference_name} {ref.dtype}")
     return reasons
 
@@ -69,6 +91,7 @@ def lora_linear_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0,
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
     from . import lora_triton
 
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     return lora_triton.run(x, [weight], [bias], [lora_A], [lora_B], [scaling], dropout_p, seed)[0]
 
 
@@ -88,7 +111,9 @@ def lora_qkv(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_lora=Non
              dropout_p=0.0, seed=None):
     from . import lora_triton
 
-    loras = (q_lora, k_lora, v_lora)
+    loras = [None if lora is None else (*_autocast(x, lora[0], lora[1])[1:], lora[2]) for lora in (q_lora, k_lora, v_lora)]
+    x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias = _autocast(x, q_weight, q_bias, k_weight, k_bias,
+                                                                        v_weight, v_bias)
     y = lora_triton.run(
         x, [q_weight, k_weight, v_weight], [q_bias, k_bias, v_bias],
         [lora[0] if lora is not None else None for lora in loras],
@@ -108,7 +133,7 @@ def ia3_linear_reasons(x, weight, bias, scale) -> list[str]:
 def ia3_linear(x, weight, bias, scale):
     from . import ia3_triton
 
-    return ia3_triton.run(x, weight, bias, scale)
+    return ia3_triton.run(*_autocast(x, weight, bias, scale))
 
 
 # ---------------------------------------------------------------------------------------------- bottleneck
@@ -131,4 +156,6 @@ def bottleneck_reasons(x, down_weight, down_bias, up_weight, up_bias, residual, 
 def bottleneck(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling):
     from . import bottleneck_triton
 
+    x, down_weight, down_bias, up_weight, up_bias, residual = _autocast(x, down_weight, down_bias, up_weight, up_bias,
+                                                                         residual)
     return bottleneck_triton.run(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
