@@ -142,7 +142,8 @@ def check(case, fn_ours, fn_ref, inputs, dtype, rows, width):
         out = fn(*args)
         outs = out if isinstance(out, tuple) else (out,)
         gen = torch.Generator(device=outs[0].device).manual_seed(7)
-        grads_out = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float32).to(o.dtype) for o in outs]
+        grads_out = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float32).to(o.dtype)
+                     for o in outs]
         wanted = [a for a, g in zip(args, grad_flags) if g]
         grads = torch.autograd.grad(outs, wanted, grads_out)
         runs[label] = [o.detach() for o in outs] + [g.detach() for g in grads]
@@ -175,7 +176,8 @@ def correctness(width, tokens, dtype, device, rank):
     rows = []
     rows += check("lora_linear p=0.1", lambda *t: lora_linear(*t, 2.0, 0.1, seed=3, backend="triton"),
                   lambda *t: lora_linear_reference(*t, 2.0, 0.1, seed=3), [x, w, b, a, bb], dtype, tokens, width)
-    wk, bk, wv, bv = rnd(width, width, scale=width ** -0.5), rnd(width), rnd(width, width, scale=width ** -0.5), rnd(width)
+    wk, bk = rnd(width, width, scale=width ** -0.5), rnd(width)
+    wv, bv = rnd(width, width, scale=width ** -0.5), rnd(width)
     a2, b2 = rnd(rank, width, scale=width ** -0.5, grad=True), rnd(width, rank, scale=rank ** -0.5, grad=True)
 
     def qkv(fn, **kw):
@@ -236,7 +238,8 @@ def timings(width, tokens, device, rank, with_dropout):
         add(case, "fused", "fwd+bwd", fwd_bwd(fused, gy), lora_params)
     add("lora p=0.0", "merged", "fwd", lambda: F.linear(x, merged, b))
 
-    wk, bk, wv, bv = rnd(width, width, scale=width ** -0.5), rnd(width), rnd(width, width, scale=width ** -0.5), rnd(width)
+    wk, bk = rnd(width, width, scale=width ** -0.5), rnd(width)
+    wv, bv = rnd(width, width, scale=width ** -0.5), rnd(width)
     a2, b2 = rnd(rank, width, scale=width ** -0.5, grad=True), rnd(width, rank, scale=rank ** -0.5, grad=True)
     qkv_args = (x, w, b, wk, bk, wv, bv, (a, bb, s), None, (a2, b2, s))
     eager_qkv = lambda: lora_qkv_reference(*qkv_args)  # noqa: E731
@@ -248,12 +251,16 @@ def timings(width, tokens, device, rank, with_dropout):
     add("qkv (LoRA on q, v)", "fused (one launch)", "fwd+bwd", fwd_bwd_many(fused_qkv, [gy] * 3), qkv_grads)
 
     residual = rnd(batch, seq, width, grad=True)
-    for name, m, scaling in (("bottleneck seq_bn (m=H/16)", width // 16, 1.0), ("bottleneck par_bn (m=H/2)", width // 2, 4.0)):
+    placements = (("bottleneck seq_bn (m=H/16)", width // 16, 1.0), ("bottleneck par_bn (m=H/2)", width // 2, 4.0))
+    for name, m, scaling in placements:
         params = [rnd(m, width, scale=width ** -0.5, grad=True), rnd(m, grad=True),
                   rnd(width, m, scale=m ** -0.5, grad=True), rnd(width, grad=True)]
-        eager_bn = lambda p=params, sc=scaling: bottleneck_adapter_reference(x, *p, residual, "relu", sc)  # noqa: E731
-        fused_bn = lambda p=params, sc=scaling: bottleneck_adapter(x, *p, residual, activation="relu", scaling=sc,  # noqa: E731
-                                                                    backend="triton")
+        def eager_bn(p=params, sc=scaling):
+            return bottleneck_adapter_reference(x, *p, residual, "relu", sc)
+
+        def fused_bn(p=params, sc=scaling):
+            return bottleneck_adapter(x, *p, residual, activation="relu", scaling=sc, backend="triton")
+
         grads = [x, residual, *params]
         add(name, "eager", "fwd", eager_bn)
         add(name, "eager", "fwd+bwd", fwd_bwd(eager_bn, gy), grads)

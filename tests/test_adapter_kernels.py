@@ -40,7 +40,8 @@ def within_budget(name, ours, same_dtype, oracle, dtype):
     err = (ours.double() - oracle).abs().max().item()
     err_torch = (same_dtype.double() - oracle).abs().max().item()
     budget = 2 * err_torch + FLOOR[dtype] * scale
-    assert err <= budget, f"{name}: error {err:.3g} > budget {budget:.3g} (torch {dtype} error {err_torch:.3g}, scale {scale:.3g})"
+    assert err <= budget, (f"{name}: error {err:.3g} > budget {budget:.3g} "
+                           f"(torch {dtype} error {err_torch:.3g}, scale {scale:.3g})")
 
 
 def leaves(tensors, dtype, device=DEVICE):
@@ -101,7 +102,8 @@ def test_counter_mask_kernel_matches_torch_mirror(seed, stream, rows, cols):
 
     for p in (0.1, 0.5):
         out = torch.empty(rows, cols, dtype=torch.int8, device=DEVICE)
-        counter_rng.materialize_keep_mask(out, counter_dropout.stream_key(seed, stream), counter_dropout.keep_threshold(p))
+        key, threshold = counter_dropout.stream_key(seed, stream), counter_dropout.keep_threshold(p)
+        counter_rng.materialize_keep_mask(out, key, threshold)
         mirror = counter_dropout.keep_mask(seed, rows, cols, p, stream, device=DEVICE)
         assert torch.equal(out.bool(), mirror)
 
@@ -317,7 +319,8 @@ def test_lora_on_qk_changes_positional_scores_as_reference():
 
 # -------------------------------------------------------------------------------------------------- IA³
 
-IA3_SHAPES = {"rows1": ((1, 48), 100, True), "rows65_3d": ((5, 13, 80), 48, True), "rows129_no_bias": ((129, 100), 80, False)}
+IA3_SHAPES = {"rows1": ((1, 48), 100, True), "rows65_3d": ((5, 13, 80), 48, True),
+              "rows129_no_bias": ((129, 100), 80, False)}
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
@@ -325,7 +328,8 @@ IA3_SHAPES = {"rows1": ((1, 48), 100, True), "rows65_3d": ((5, 13, 80), 48, True
 def test_ia3_linear_matches_reference(shape, dtype):
     x_shape, out_features, has_bias = IA3_SHAPES[shape]
     inputs = [rand(*x_shape, grad=True), rand(out_features, x_shape[-1], scale=x_shape[-1] ** -0.5, grad=True),
-              rand(out_features, grad=True) if has_bias else None, (1 + 0.3 * torch.randn(out_features)).requires_grad_()]
+              rand(out_features, grad=True) if has_bias else None,
+              (1 + 0.3 * torch.randn(out_features)).requires_grad_()]
     compare(shape, lambda x, w, b, l: ia3_linear(x, w, b, l, backend="triton"), ia3_linear_reference, inputs, dtype)
 
 
@@ -465,7 +469,8 @@ def test_ia3_fused_and_merged_agree(dtype):
     assert (unscaled - oracle).abs().max() > 100 * (eager.double() - oracle).abs().max()
     rw, rb = unmerge_ia3(mw, mb, l)
     tol = 4 * torch.finfo(dtype).eps
-    assert torch.allclose(rw.double(), w.double(), rtol=tol, atol=0) and torch.allclose(rb.double(), b.double(), rtol=tol, atol=0)
+    assert torch.allclose(rw.double(), w.double(), rtol=tol, atol=0)
+    assert torch.allclose(rb.double(), b.double(), rtol=tol, atol=0)
     assert merge_ia3(w, None, l)[1] is None
 
 
@@ -549,8 +554,8 @@ def test_custom_ops_pass_opcheck():
     x, w, b, a, bb = lora_inputs((2, 5, 48), 32, 4, weight_grad=True)
     torch.library.opcheck(ops.lora_projections.default, (x, [w], [b], [a], [bb], [0.5], 0.1, 3, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(ops.lora_projections.default, (x, [w, w, w], [b, b[:0], b], [a, a[:0], a], [bb, bb[:, :0], bb],
-                                                         [0.5, 0.0, 2.0], 0.0, 0, True),
+    absent_k = (x, [w, w, w], [b, b[:0], b], [a, a[:0], a], [bb, bb[:, :0], bb], [0.5, 0.0, 2.0], 0.0, 0, True)
+    torch.library.opcheck(ops.lora_projections.default, absent_k,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     l = torch.ones(32, requires_grad=True)
     torch.library.opcheck(ops.ia3_linear.default, (x, w, b, l, True),
@@ -584,7 +589,8 @@ def test_ops_compile_fullgraph():
 
     def f(x, a, bb, wd):
         y = lora_linear(x, w, b, a, bb, 0.5, 0.1, seed=3, backend="triton")
-        return bottleneck_adapter(x, wd, bd, wu, bu, x, activation="gelu", scaling=2.0, backend="triton").sum() + y.sum()
+        z = bottleneck_adapter(x, wd, bd, wu, bu, x, activation="gelu", scaling=2.0, backend="triton")
+        return z.sum() + y.sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     inputs = (x, a, bb, wd)

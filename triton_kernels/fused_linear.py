@@ -1,6 +1,6 @@
 """A GEMM with the adapter epilogues: out = epilogue(A · Bᵀ), the building block of IA³ and the bottleneck.
 
-    acc = A · Bᵀ                          A [M, K] (row stride stride_am), B element (n, k) at n·stride_bn + k·stride_bk
+    acc = A · Bᵀ                          A [M, K] (row stride stride_am); B[n, k] at n·stride_bn + k·stride_bk
     acc += bias                           HAS_BIAS                     bias [N]
     acc *= act'(aux)                      ACT_GRAD (aux [M, N] read: the saved pre-activation)
     aux = acc                             STORE_PRE (aux [M, N] written: pre-activation / pre-scale value)

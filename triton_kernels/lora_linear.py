@@ -188,7 +188,8 @@ def _lora_fwd_kernel(
 
 
 @triton.autotune(configs=make_configs(dict(BLOCK_M=64, BLOCK_K=32),
-                                      half=[(dict(BLOCK_M=64, BLOCK_K=128), 4, 3), (dict(BLOCK_M=128, BLOCK_K=64), 4, 3),
+                                      half=[(dict(BLOCK_M=64, BLOCK_K=128), 4, 3),
+                                            (dict(BLOCK_M=128, BLOCK_K=64), 4, 3),
                                             (dict(BLOCK_M=128, BLOCK_K=128), 8, 3)],
                                       fp32=[(dict(BLOCK_M=64, BLOCK_K=64), 4, 2)]),
                  key=["M_BUCKET", "K", "R"], prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
@@ -304,7 +305,8 @@ def _lora_bwd_dx_kernel(
 
 
 @triton.autotune(configs=make_configs(dict(BLOCK_T=32, BLOCK_C=64),
-                                      half=[(dict(BLOCK_T=64, BLOCK_C=128), 4, 3), (dict(BLOCK_T=128, BLOCK_C=128), 4, 3),
+                                      half=[(dict(BLOCK_T=64, BLOCK_C=128), 4, 3),
+                                            (dict(BLOCK_T=128, BLOCK_C=128), 4, 3),
                                             (dict(BLOCK_T=64, BLOCK_C=256), 8, 3)],
                                       fp32=[(dict(BLOCK_T=32, BLOCK_C=64), 4, 2)]),
                  key=["K", "N", "R", "NUM_PROJ", "WHICH_FIRST", "WHICH_COUNT", "DROPOUT"],

@@ -111,7 +111,8 @@ def lora_qkv(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_lora=Non
              dropout_p=0.0, seed=None):
     from . import lora_triton
 
-    loras = [None if lora is None else (*_autocast(x, lora[0], lora[1])[1:], lora[2]) for lora in (q_lora, k_lora, v_lora)]
+    loras = [None if lora is None else (*_autocast(x, lora[0], lora[1])[1:], lora[2])
+             for lora in (q_lora, k_lora, v_lora)]
     x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias = _autocast(x, q_weight, q_bias, k_weight, k_bias,
                                                                         v_weight, v_bias)
     y = lora_triton.run(

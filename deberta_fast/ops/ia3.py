@@ -30,7 +30,8 @@ def ia3_linear(x, weight, bias, scale, *, backend=None):
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}] (one per output feature); got {tuple(bias.shape)}")
     if scale.shape[-1] != weight.shape[0] or scale.numel() != weight.shape[0]:
-        raise ValueError(f"scale must have {weight.shape[0]} entries (one per output feature); got {tuple(scale.shape)}")
+        raise ValueError(f"scale must have {weight.shape[0]} entries (one per output feature); "
+                         f"got {tuple(scale.shape)}")
     call = (x, weight, bias, scale)
     chosen = adapter_triton.select(OP_NAME, backend, CANDIDATES, x.device.type, *call)
     return _RUN[chosen](*call)

@@ -21,7 +21,9 @@ def _fused_linear():
 
 
 @torch.library.custom_op("deberta_fast::ia3_linear", mutates_args=())
-def ia3_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, save_pre: bool) -> tuple[Tensor, Tensor]:
+def ia3_linear_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, save_pre: bool,
+) -> tuple[Tensor, Tensor]:
     """(y [..., out], p = x Wᵀ + b as [rows, out] when save_pre, else empty)."""
     x2 = x.reshape(-1, x.shape[-1])
     y, pre, _ = _fused_linear()(x2, weight, bias=bias, scale=scale.reshape(-1), store_pre=save_pre)

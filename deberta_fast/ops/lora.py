@@ -10,7 +10,6 @@ triton backend draws a seed from torch's default generator.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from . import adapter_triton, counter_dropout, dispatch

@@ -56,7 +56,8 @@ def _check_ia3(weight, bias, scale) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight must be [out, in]; got {tuple(weight.shape)}")
     if scale.numel() != weight.shape[0]:
-        raise ValueError(f"scale must have {weight.shape[0]} entries (one per output feature); got {tuple(scale.shape)}")
+        raise ValueError(f"scale must have {weight.shape[0]} entries (one per output feature); "
+                         f"got {tuple(scale.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}]; got {tuple(bias.shape)}")
 

@@ -53,10 +53,12 @@ def lora_qkv(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_lora=Non
     weights = (q_weight, k_weight, v_weight)
     for name, weight in zip(_NAMES, weights):
         if tuple(weight.shape) != tuple(q_weight.shape):
-            raise ValueError(f"{name}_weight must have q_weight's shape {tuple(q_weight.shape)}; got {tuple(weight.shape)}")
+            raise ValueError(f"{name}_weight must have q_weight's shape {tuple(q_weight.shape)}; "
+                             f"got {tuple(weight.shape)}")
     for name, weight, bias, lora in zip(_NAMES, weights, (q_bias, k_bias, v_bias), (q_lora, k_lora, v_lora)):
         if lora is not None and (not isinstance(lora, (tuple, list)) or len(lora) != 3):
-            raise ValueError(f"{name}_lora must be None or a tuple (lora_A, lora_B, scaling); got {type(lora).__name__}")
+            raise ValueError(f"{name}_lora must be None or a tuple (lora_A, lora_B, scaling); "
+                             f"got {type(lora).__name__}")
         lora_A, lora_B, scaling = lora if lora is not None else (weight.new_empty(0, x.shape[-1]),
                                                                  weight.new_empty(weight.shape[0], 0), 0.0)
         check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, prefix=f"{name}: ")
