@@ -25,8 +25,13 @@ _RUN = {"triton": adapter_triton.ia3_linear, "reference": ia3_linear_reference}
 
 def ia3_linear(x, weight, bias, scale, *, backend=None):
     """IA³ linear (module docstring)."""
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be [out, {x.shape[-1]}] for x [..., {x.shape[-1]}]; got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}] (one per output feature); got {tuple(bias.shape)}")
     if scale.shape[-1] != weight.shape[0] or scale.numel() != weight.shape[0]:
-        raise ValueError(f"scale must have {weight.shape[0]} entries (one per output feature); got {tuple(scale.shape)}")
+        raise ValueError(f"scale must have {weight.shape[0]} entries (one per output feature); "
+                         f"got {tuple(scale.shape)}")
     call = (x, weight, bias, scale)
-    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, x.device.type, *call)
+    chosen = adapter_triton.select(OP_NAME, backend, CANDIDATES, x.device.type, *call)
     return _RUN[chosen](*call)
