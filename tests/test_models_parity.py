@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 import deberta_fast

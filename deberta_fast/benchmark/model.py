@@ -32,7 +32,7 @@ V3_BASE = dict(vocab_size=128100, hidden_size=768, num_attention_heads=12, inter
 
 def available_providers(device: str) -> list[str]:
     """transformers, and every deberta_fast backend that can run a forward on ``device``."""
-    from deberta_fast.ops import attention, dispatch
+    from deberta_fast.ops import attention
 
     providers = ["transformers", "deberta_fast[reference]"]
     probe = torch.zeros(1, 1, 2, 64, device=device)

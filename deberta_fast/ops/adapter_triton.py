@@ -4,7 +4,7 @@ Each ``*_reasons(*call)`` takes the dispatch call tuple of its op (``lora.py``, 
 ``bottleneck.py``) and returns what stops the kernels (empty when they can serve the call); the run functions
 take the same tuple. The kernels run on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1``
 (tests) and only when the triton backend is asked for explicitly: ``auto`` never picks a backend meant for
-another device (see ``select``). Under ``torch.autocast`` the floating-point inputs are cast to the autocast
+another device (``dispatch.select``). Under ``torch.autocast`` the floating-point inputs are cast to the autocast
 dtype first, as autocast does for a linear layer (mixed-precision training keeps fp32 adapter weights; their
 gradients flow back through the cast). The custom ops behind the run functions live in ``lora_triton.py``,
 ``ia3_triton.py`` and ``bottleneck_triton.py``.
@@ -17,19 +17,10 @@ import os
 
 import torch
 
-from . import dispatch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LORA_RANK = 64  # the kernels keep an [rows, rank] fp32 accumulator in registers
 BOTTLENECK_ACTIVATIONS = ("relu", "gelu", "swish", "silu", "tanh")
-
-
-def select(op_name: str, backend, candidates, device_type: str, *call) -> str:
-    """``dispatch.select`` where ``auto`` only considers backends meant for the tensors' device (or any)."""
-    requested = dispatch.requested_backend(backend)
-    if requested == "auto":
-        candidates = [c for c in candidates if c.device_type in (None, device_type)]
-    return dispatch.select(op_name, requested, candidates, device_type, *call)
 
 
 def _autocast_dtype(device_type: str):

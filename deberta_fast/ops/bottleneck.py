@@ -67,5 +67,5 @@ def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual=N
     """Bottleneck adapter core (module docstring)."""
     check_bottleneck_inputs(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
     call = (x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
-    chosen = adapter_triton.select(OP_NAME, backend, CANDIDATES, x.device.type, *call)
+    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, x.device.type, *call)
     return _RUN[chosen](*call)

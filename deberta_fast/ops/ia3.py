@@ -33,5 +33,5 @@ def ia3_linear(x, weight, bias, scale, *, backend=None):
         raise ValueError(f"scale must have {weight.shape[0]} entries (one per output feature); "
                          f"got {tuple(scale.shape)}")
     call = (x, weight, bias, scale)
-    chosen = adapter_triton.select(OP_NAME, backend, CANDIDATES, x.device.type, *call)
+    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, x.device.type, *call)
     return _RUN[chosen](*call)

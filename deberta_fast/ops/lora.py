@@ -61,5 +61,5 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     """LoRA linear (module docstring); dropout_p applies to the LoRA branch's input only (0.0 in eval)."""
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     call = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    chosen = adapter_triton.select(OP_NAME, backend, CANDIDATES, x.device.type, *call)
+    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, x.device.type, *call)
     return _RUN[chosen](*call)

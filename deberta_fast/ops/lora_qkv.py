@@ -63,5 +63,5 @@ def lora_qkv(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_lora=Non
                                                                  weight.new_empty(weight.shape[0], 0), 0.0)
         check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, prefix=f"{name}: ")
     call = (x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_lora, k_lora, v_lora, dropout_p, seed)
-    chosen = adapter_triton.select(OP_NAME, backend, CANDIDATES, x.device.type, *call)
+    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, x.device.type, *call)
     return _RUN[chosen](*call)
