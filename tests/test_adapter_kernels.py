@@ -601,11 +601,11 @@ def test_ops_compile_fullgraph():
 
 @pytest.mark.slow
 def test_gpu_bench_script_dry_run(tmp_path):
-    """bench/gpu_adapters.py runs end to end on tiny shapes (interpreter) and writes its CSV."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_adapters.py")
+    """The GPU adapter benchmark (bench/gpu_adapters.py) runs end to end on tiny shapes (interpreter) and writes its CSV."""
     out = tmp_path / "adapters.csv"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, script, "--dry-run", "--widths", "48", "--out", str(out)], env=env,
+    done = subprocess.run([sys.executable, "-m", "deberta_fast.benchmark.gpu_adapters", "--dry-run", "--widths", "48",
+                           "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = out.read_text()

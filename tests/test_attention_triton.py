@@ -545,13 +545,7 @@ def test_unspecialized_arguments_are_kernel_parameters():
 
 def test_gpu_bench_script_plumbing(tmp_path):
     """bench/gpu_attention.py without a GPU: arguments, target evaluation, CSV (atomic) and table."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_attention.py"
-    spec = importlib.util.spec_from_file_location("gpu_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from deberta_fast.benchmark import gpu_attention as bench
     args = bench.parse_args(["--dry-run", "--lengths", "24", "40"])
     assert args.lengths == [24, 40] and args.tokens == 80
     assert bench.parse_args([]).lengths == [512, 2048, 8192]

@@ -10,6 +10,10 @@ Cases, each over every provider this machine has:
   bottleneck  a seq_bn-style bottleneck (768 -> 48 -> 768, relu, residual): eager vs deberta_fast per backend
 Medians come from one process, so ratios compare like with like; CSV rows carry machine, versions and git
 revision; a PNG of the table is drawn when matplotlib is installed.
+
+On CUDA the suite also runs the two GPU scripts (gpu_attention: ours vs transformers eager vs SDPA pinned to
+FLASH_ATTENTION vs disentangled-flash and flashdeberta when importable, with correctness and peak memory;
+gpu_adapters: fused vs eager vs merged LoRA, fused vs eager bottleneck), which write their own CSVs.
 """
 
 from __future__ import annotations
@@ -64,6 +68,17 @@ def _time(fn, repeats):
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
+def _dense_sdpa(q):
+    """Dense attention without positions; on CUDA pinned to the FLASH_ATTENTION backend (FA2-class)."""
+    if q.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        half = q.half() if q.dtype == torch.float32 else q  # FLASH_ATTENTION takes fp16 / bf16 only
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(half, half, half)
+    return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
 def _fwd_bwd(fn, inputs):
     def run():
         out = fn()
@@ -97,7 +112,7 @@ def attention_case(lengths, batch, repeats, device, facts):
             fast.backend = backend
             providers[f"deberta_fast[{backend}]"] = (lambda f=fast: f(hidden, mask2, rel_embeddings=rel)[0])
         q = torch.randn(batch, 12, length, 64, device=device, requires_grad=True)
-        providers["sdpa_no_positions"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        providers["sdpa_no_positions"] = lambda: _dense_sdpa(q)
         baseline = {}
         for provider, fn in providers.items():
             for mode in ("fwd", "fwd+bwd"):
@@ -224,6 +239,13 @@ def run_from_args(args) -> list[dict]:
         rows += lora_case(tokens, repeats, args.device, facts)
     if "bottleneck" in cases:
         rows += bottleneck_case(tokens, repeats, args.device, facts)
+    if args.device == "cuda" and not args.quick:
+        from . import gpu_adapters, gpu_attention
+
+        if "attention" in cases:
+            gpu_attention.main([])
+        if "lora" in cases or "bottleneck" in cases:
+            gpu_adapters.main([])
     unavailable = {(r["case"], r["provider"]): r["note"] for r in rows if r["note"].startswith("BackendUnavailable")}
     rows = [r for r in rows if (r["case"], r["provider"]) not in unavailable]
     path = args.csv or os.path.join(harness.results_dir(), f"suite_{args.device}{'_quick' if args.quick else ''}.csv")
