@@ -175,11 +175,12 @@ def test_get_adapter_iter_layers_and_apply():
     assert [i for i, _ in model.iter_layers()] == [0, 1]
     order = []
     model.apply_to_adapter_layers(lambda i, layer: order.append((i, layer.location_key)))
-    assert order[:7] == [(0, "selfattn_lora")] * 3 + [(0, "mh_adapter"), (0, "intermediate_lora"),
-                                                      (0, "output_adapter"), (0, "output_lora")]
+    # AdapterHub's order within a layer (reference §4)
+    assert order[:9] == [(0, "selfattn_lora")] * 3 + [(0, "self_prefix"), (0, "mh_adapter"), (0, "intermediate_lora"),
+                                                      (0, "output_adapter"), (0, "output_lora"), (0, "output_reft")]
     visited = []
-    model.apply_to_basemodel_childs(lambda i, child: visited.append(i))
-    assert visited == []
+    model.apply_to_basemodel_childs(lambda i, child: visited.append((i, child.adapter_modules_name)))
+    assert visited == [(-1, "prompt_tunings")]
     assert model.adapter_summary(as_dict=True)[0]["architecture"] == "union"
 
 
