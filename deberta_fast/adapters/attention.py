@@ -11,6 +11,7 @@ plus a ``prefix_tuning`` submodule (prefix_tuning.py). Differences from the base
 - Relative-position tables: with share_att_key the tables come from query_proj / key_proj, which may carry LoRA /
   (IA)³. When the active setup gives batch rows different adapters there (Parallel, BatchSplit, MultiTask), the
   tables are built per row, [B, heads, 2S, d], which the op accepts; otherwise one [1, heads, 2S, d] table.
+- Prompt tuning over a padded batch: the [B, 1, L, L] pair mask of prompt_tuning.py replaces the token mask.
 - q, k and v of different batch sizes (a Parallel block replicating its own input outside the model's forward)
   are brought to the largest batch, as AdapterHub does.
 """
@@ -64,6 +65,10 @@ class DisentangledSelfAttentionWithAdapters(DisentangledSelfAttention):
         hidden_states = _to_batch(hidden_states, batch)
         if attention_mask is not None and attention_mask.dim() == 3:
             attention_mask = attention_mask.unsqueeze(1)
+        context = self.prefix_tuning.forward_context() if hasattr(self, "prefix_tuning") else None
+        if context is not None and context.attention_pair_mask is not None and attention_mask is not None \
+                and attention_mask.dim() == 2:
+            attention_mask = context.attention_pair_mask  # prompt tuning over a padded batch (prompt_tuning.py)
         attention_mask = _to_batch(attention_mask, batch)
         pos_key = pos_query = None
         if self.position_spec is not None:

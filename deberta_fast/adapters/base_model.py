@@ -9,7 +9,7 @@
   relative-position tables, the nGiE conv layer and every adapter layer see consistent batches (AdapterHub
   replicates inside the first adapter layer and breaks on the conv layer and on share_att_key LoRA),
   (3) records the first valid position and the number of valid tokens per row (ReFT), (4) inserts the prompt of a
-  prompt-tuning adapter after the embeddings and extends the mask for it.
+  prompt-tuning adapter after the embeddings and extends the mask for it (prompt_tuning.py).
 
 ``DebertaV2LayerWithAdapters`` is transformers' DebertaV2Layer plus ``reft_layer`` applied to its output.
 """
@@ -23,7 +23,7 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 from ..models import DebertaV2Model
 from ..models.base import validate_model_inputs
 from .context import AdapterSetup, ForwardContext
-from .prompt_tuning import insert_prompt_mask
+from .prompt_tuning import insert_prompt_mask, prompt_pair_mask
 
 __all__ = ["DebertaV2LayerWithAdapters", "DebertaV2ModelWithAdapters"]
 
@@ -114,7 +114,9 @@ class DebertaV2ModelWithAdapters(DebertaV2Model):
         embedding_output, prompt = self.prompt_tuning(embedding_output)
         if prompt is not None:
             context.prompt_tokens_length = prompt.prompt_length
-            attention_mask = insert_prompt_mask(attention_mask, prompt.prompt_length, prompt.combine)
+            attention_mask = insert_prompt_mask(attention_mask, prompt.prompt_length)
+            if attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
+                context.attention_pair_mask = prompt_pair_mask(attention_mask, prompt.prompt_length)
         encoder_outputs = self.encoder(embedding_output, attention_mask, output_hidden_states=output_hidden_states,
                                        output_attentions=output_attentions, return_dict=True)
         if not return_dict:

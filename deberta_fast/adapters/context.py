@@ -71,7 +71,9 @@ class ForwardContext:
     adapters_parallelized: the batch already holds one copy per Parallel channel (the base model replicates the
     inputs once, before the embeddings); original_batch_size is then the batch of one channel.
     prefix_states: {adapter name: per-layer (key, value) prefixes}, computed once per pass by the prefix pool.
-    prompt_tokens_length: number of prompt positions prepended to the sequence (prompt tuning), else None.
+    prompt_tokens_length: number of prompt positions prepended to the sequence (prompt tuning), else None;
+    attention_pair_mask: the [B, 1, L, L] mask the attention layers use instead of the token mask (prompt tuning
+    with padding).
     token_offsets / token_lengths: [B] first valid position and number of valid tokens (ReFT positions).
     adapter_gating_scores[adapter][layer][location] and adapter_fusion_attentions[fusion][layer][location]:
     numpy arrays collected when the matching ``output_*`` flag is set.
@@ -88,6 +90,7 @@ class ForwardContext:
     original_batch_size: int | None = None
     prefix_states: dict = field(default_factory=dict)
     prompt_tokens_length: int | None = None
+    attention_pair_mask: Any = None
     token_offsets: Any = None
     token_lengths: Any = None
     adapter_gating_scores: dict = field(default_factory=lambda: defaultdict(dict))

@@ -160,7 +160,9 @@ class IA3(nn.Module):
 
     def update(self, hidden: torch.Tensor | None, layer_input: torch.Tensor) -> tuple:
         """(multiplicative factor, gate or None); in a Stack it multiplies the previous adapter's factor/update."""
-        vector = self.lora_B.view(1, 1, -1)
+        # one factor per batch row ([B, 1, ..., out]) so that row-splitting blocks can slice it
+        shape = (layer_input.shape[0], *([1] * (layer_input.dim() - 2)), self.lora_B.shape[0])
+        vector = self.lora_B.view(-1).expand(shape)
         out = vector if hidden is None else hidden * vector
         if self.use_gating:
             gate = _gate_factor(self.gate, layer_input)

@@ -7,10 +7,14 @@ The prompts are inserted into the embedding output *after* the embedding LayerNo
     combine="prefix":           [prompt, x]                  [B, P + L, H]
     combine="prefix_after_bos": [x[:, :1], prompt, x[:, 1:]]
 
-The token mask gets ones at the prompt positions, and everything downstream (attention, relative positions over
-P + L tokens, the nGiE conv layer, ReFT positions) sees the longer sequence. AdapterHub gives the conv layer the
-original [B, L] mask and crashes whenever conv_kernel_size > 0; here it gets the extended mask. Heads see
-[B, P + L, H]; the tagging and masked-LM heads pad their labels with -100 for the prompt positions.
+The mask gets P leading ones (for both combine modes, as AdapterHub), and everything downstream (attention,
+relative positions over P + L tokens, the nGiE conv layer) sees the longer sequence. AdapterHub gives the conv layer
+the original [B, L] mask and crashes whenever conv_kernel_size > 0; here it gets the extended token mask.
+Attention follows AdapterHub's extended pair mask: the first P query rows see every key (padding included) and
+every query sees the first P keys; other pairs need both tokens valid. With padding in the batch that is a
+[B, 1, P + L, P + L] pair mask (``prompt_pair_mask``; the op's pair-mask path), without padding the token mask
+gives the same result. Heads see [B, P + L, H]; the tagging and masked-LM heads pad their labels with -100 for the
+prompt positions.
 
 Initialisation: "random_uniform" U(-0.5, 0.5); "from_string": the word embeddings of ``prompt_init_text``
 tokenised with the tokenizer at ``config.tokenizer_name_or_path`` (repeated / cut to P tokens).
@@ -25,7 +29,7 @@ from .configuration import PromptTuningConfig
 from .initialization import seeded_generator
 from .layer_base import AdapterLayerBase
 
-__all__ = ["PromptTuning", "PromptTuningLayer", "insert_prompt_mask"]
+__all__ = ["PromptTuning", "PromptTuningLayer", "insert_prompt_mask", "prompt_pair_mask"]
 
 RANDOM_UNIFORM_SCALE = 0.5
 
@@ -78,19 +82,25 @@ class PromptTuning(nn.Module):
         return torch.cat([embeddings[:, :1], prompt, embeddings[:, 1:]], dim=1)
 
 
-def insert_prompt_mask(mask: torch.Tensor, length: int, combine: str) -> torch.Tensor:
-    """A [B, L] token mask or [B, 1, L, L] / [B, L, L] pair mask with ``length`` valid prompt positions inserted
-    where the prompt went (front, or after the first token)."""
-    at = 0 if combine == "prefix" else 1
+def insert_prompt_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """A [B, L] token mask or [B, 1, L, L] / [B, L, L] pair mask with ``length`` leading valid positions (pair
+    masks: the new rows and columns are all ones)."""
     if mask.dim() == 2:
-        ones = mask.new_ones(mask.shape[0], length)
-        return torch.cat([mask[:, :at], ones, mask[:, at:]], dim=1)
+        return torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
     pairs = mask if mask.dim() == 3 else mask[:, 0]
-    ones_rows = pairs.new_ones(pairs.shape[0], length, pairs.shape[2])
-    pairs = torch.cat([pairs[:, :at], ones_rows, pairs[:, at:]], dim=1)
-    ones_cols = pairs.new_ones(pairs.shape[0], pairs.shape[1], length)
-    pairs = torch.cat([pairs[:, :, :at], ones_cols, pairs[:, :, at:]], dim=2)
+    pairs = torch.cat([pairs.new_ones(pairs.shape[0], length, pairs.shape[2]), pairs], dim=1)
+    pairs = torch.cat([pairs.new_ones(pairs.shape[0], pairs.shape[1], length), pairs], dim=2)
     return pairs if mask.dim() == 3 else pairs.unsqueeze(1)
+
+
+def prompt_pair_mask(token_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, 1, L', L'] bool: pair (i, j) is valid when i < length, j < length, or both tokens are valid
+    (``token_mask`` [B, L'] already holds the ``length`` leading ones)."""
+    valid = token_mask.bool()
+    pairs = valid[:, :, None] & valid[:, None, :]
+    pairs[:, :length, :] = True
+    pairs[:, :, :length] = True
+    return pairs.unsqueeze(1)
 
 
 class PromptTuningLayer(AdapterLayerBase, nn.Module):
