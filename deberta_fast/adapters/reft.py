@@ -82,14 +82,18 @@ class ReftModule(nn.Module):
             offsets = torch.zeros(batch, dtype=torch.long, device=device)
             lengths = torch.full((batch,), length, dtype=torch.long, device=device)
         prefix = suffix = None
+        # Rows shorter than the positions asked for: indices are clamped into the sequence (AdapterHub indexes
+        # out of range and fails for suffixes longer than a row's valid tokens).
         if self.prefix_positions > 0:
             count = min(self.prefix_positions, length)
             steps = torch.arange(count, device=device)
-            prefix = (offsets.view(-1, 1) + steps).unsqueeze(-1).expand(batch, count, width)
+            index = (offsets.view(-1, 1) + steps).clamp(0, length - 1)
+            prefix = index.unsqueeze(-1).expand(batch, count, width)
         if self.suffix_positions > 0:
             count = min(self.suffix_positions, length)
             steps = torch.arange(-count, 0, device=device)
-            suffix = ((offsets + lengths).view(-1, 1) + steps).unsqueeze(-1).expand(batch, count, width)
+            index = ((offsets + lengths).view(-1, 1) + steps).clamp(0, length - 1)
+            suffix = index.unsqueeze(-1).expand(batch, count, width)
         return prefix, suffix
 
     def forward(self, hidden: torch.Tensor, offsets=None, lengths=None) -> torch.Tensor:
