@@ -34,6 +34,10 @@ def _to_batch(tensor: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     return tensor.repeat(batch // tensor.shape[0], *([1] * (tensor.dim() - 1)))
 
 
+def _prefix_length(segment) -> int:
+    return segment[1].shape[2] if segment[1] is not None else 0
+
+
 class DisentangledSelfAttentionWithAdapters(DisentangledSelfAttention):
     """forward(hidden_states [B, L, hidden], attention_mask [B, L] or [B, 1, L, L], output_attentions,
     rel_embeddings) -> (context [B, L, heads · d], probs [B, heads, L, P + L] or None). See module docstring."""
@@ -74,9 +78,11 @@ class DisentangledSelfAttentionWithAdapters(DisentangledSelfAttention):
         if self.position_spec is not None:
             pos_key, pos_query = self.position_tables(rel_embeddings, batch)
         segments = self.prefix_tuning.prefix_segments(hidden_states) if hasattr(self, "prefix_tuning") else None
+        if segments is not None and all(segment[1] is None for segment in segments):
+            segments = None
         if segments is None:
             out, probs = self._attend(query, key, value, pos_key, pos_query, attention_mask, output_attentions, None)
-        elif len({segment[1].shape[2] for segment in segments}) == 1:
+        elif len({_prefix_length(segment) for segment in segments}) == 1:
             prefix_key = torch.cat([segment[1] for segment in segments], dim=0)
             prefix_value = torch.cat([segment[2] for segment in segments], dim=0)
             out, probs = self._attend(query, key, value, pos_key, pos_query, attention_mask, output_attentions,
@@ -101,16 +107,17 @@ class DisentangledSelfAttentionWithAdapters(DisentangledSelfAttention):
         )
 
     def _attend_segments(self, query, key, value, pos_key, pos_query, attention_mask, output_attentions, segments):
-        longest = max(segment[1].shape[2] for segment in segments)
+        longest = max(_prefix_length(segment) for segment in segments)
         outs, all_probs = [], []
         for rows, prefix_key, prefix_value in segments:
             def cut(tensor):
                 return tensor[rows] if tensor is not None and tensor.shape[0] > 1 else tensor
 
+            prefix = (prefix_key, prefix_value) if prefix_key is not None else None
             out, probs = self._attend(query[rows], key[rows], value[rows], cut(pos_key), cut(pos_query),
                                       attention_mask[rows] if attention_mask is not None else None,
-                                      output_attentions, (prefix_key, prefix_value))
+                                      output_attentions, prefix)
             outs.append(out)
             if probs is not None:
-                all_probs.append(F.pad(probs, (longest - prefix_key.shape[2], 0)))
+                all_probs.append(F.pad(probs, (longest - _prefix_length((rows, prefix_key, prefix_value)), 0)))
         return torch.cat(outs, dim=0), (torch.cat(all_probs, dim=0) if output_attentions else None)

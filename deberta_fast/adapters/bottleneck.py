@@ -427,6 +427,8 @@ class BottleneckLayerMixin(AdapterLayerBase):
         if sum(block.splits) != length:
             raise IndexError(f"The given input has sequence length {length} which is not equal to the sum of splits "
                              f"{block.splits}")
+        # AdapterHub pre-processes with the first child; when that child has no module here, each child does its own
+        pre_done = block.first() in self.adapters
         state = self.pre_block(block, state)
         outputs, last, start = [], None, 0
         for child, size in zip(block, block.splits):
@@ -434,10 +436,13 @@ class BottleneckLayerMixin(AdapterLayerBase):
             part = _BottleneckState(state.hidden[:, cut], state.input_tensor[:, cut], state.adapter_residual[:, cut],
                                     state.layer_norm, state.up[:, cut] if state.up is not None else None,
                                     want_up=state.want_up)
+            if isinstance(child, str) and child in self.adapters and not pre_done:
+                part = self.pre_block(child, part)
             if isinstance(child, AdapterCompositionBlock) or child in self.adapters:
                 part = self._compose_child(block, child, part, level)
-                outputs.append(part.hidden)
                 last = part.last or last
+            # a child without a module here keeps its positions as they are (AdapterHub drops them and fails)
+            outputs.append(part.hidden)
             start += size
         return state._replace(hidden=torch.cat(outputs, dim=1), last=last)
 
