@@ -87,7 +87,13 @@ class AdapterRegistry:
         if name in self.adapters:
             raise ValueError(f"An adapter with the name '{name}' has already been added.")
         config = AdapterConfig.load(config if config is not None else DEFAULT_ADAPTER_CONFIG)
-        key = adapter_config_hash(config)
+        base = key = adapter_config_hash(config)
+        # AdapterHub's hash ignores falsy values and some defaults, so different configs can share it (e.g.
+        # shared_phm_rule=False vs True); AdapterHub then silently gives both adapters one config. Keep both.
+        suffix = 1
+        while key in self.config_map and self.config_map[key] != config:
+            key = f"{base}-{suffix}"
+            suffix += 1
         self.config_map[key] = config
         self.adapters[name] = key
         return config
