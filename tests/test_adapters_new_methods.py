@@ -86,7 +86,7 @@ def test_prefix_keys_get_no_positional_bias():
     torch.testing.assert_close(ratio, torch.exp(prefix_scores[..., 0] - prefix_scores[..., 1]), rtol=1e-4, atol=0)
 
 
-def test_triton_backend_serves_prefix_keys_and_per_row_tables_under_the_interpreter():
+def test_triton_backend_serves_prefix_keys_and_per_row_tables_under_the_interpreter(monkeypatch):
     """backend="triton" on CPU tensors runs the Triton interpreter: prefixes of two lengths (one op call per row
     group) and per-row position tables (q/k LoRA under BatchSplit), against the reference backend. Tiny shapes."""
     model = tiny_model("v3", num_attention_heads=2, num_hidden_layers=1)
@@ -98,8 +98,14 @@ def test_triton_backend_serves_prefix_keys_and_per_row_tables_under_the_interpre
     setup = BatchSplit("p", "q", batch_sizes=[1, 1])
     set_attention_backend(model, "reference")
     reference = _output(model, inputs, setup)
+    from deberta_fast.ops import attention as attention_op
+
+    calls = []
+    run = attention_op._RUN["triton"]
+    monkeypatch.setitem(attention_op._RUN, "triton", lambda *call: calls.append(call[-1]) or run(*call))
     set_attention_backend(model, "triton")
     triton = _output(model, inputs, setup)
+    assert calls == [2, 3]  # one call per row group, with its number of prefix keys
     torch.testing.assert_close(triton, reference, rtol=0, atol=1e-5)
     single = _output(model, inputs, "q")
     torch.testing.assert_close(triton[1], single[1], rtol=0, atol=1e-5)
