@@ -90,7 +90,8 @@ def test_adapterhub_crash_cases_run_here(case):
 
 @pytest.mark.parametrize("config", ["lora[attn_matrices=['q','k','v']]", "ia3[attn_matrices=['q','k']]",
                                     "lora[attn_matrices=['q','k'], use_gating=True]", "seq_bn", "double_seq_bn",
-                                    "prefix_tuning[prefix_length=2, bottleneck_size=8]", "compacter[reduction_factor=4]"])
+                                    "prefix_tuning[prefix_length=2, bottleneck_size=8]",
+                                    "compacter[reduction_factor=4]"])
 def test_parallel_with_conv_layer_and_shared_key(config):
     """conv_kernel_size=3 (v2-xlarge style) with share_att_key=True: AdapterHub's Parallel fails in the conv layer
     for every method; here every channel equals its single run."""

@@ -254,3 +254,13 @@ def test_custom_config_union_runs_every_member():
     assert (full - _output(without_prefix, inputs, "u")).abs().max() > 1e-3
     assert run_like_adapterhub(model, inputs)["last_hidden_state"].shape == (2, 9, 32)
     model.set_active_adapters(Stack("u"))
+
+
+def test_patch_deberta_leaves_an_adapter_model_as_it_is():
+    import deberta_fast
+
+    model = tiny_model("v3")
+    model.add_adapter("p", config="prefix_tuning[prefix_length=2, bottleneck_size=8]")
+    classes = [type(m) for m in model.modules()]
+    assert deberta_fast.patch_deberta(model) is model
+    assert [type(m) for m in model.modules()] == classes

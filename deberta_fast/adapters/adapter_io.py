@@ -130,9 +130,9 @@ class AdapterIOMixin:
             return state
         aliases = {}
         for i, _ in self.iter_layers():
+            layer_pool = f"{self.base_model_prefix}.encoder.layer.{i}.attention.self.prefix_tuning.pool."
             for key in pool_keys:
-                alias = f"{self.base_model_prefix}.encoder.layer.{i}.attention.self.prefix_tuning.pool.{key[len(pool):]}"
-                aliases[alias] = state[key]
+                aliases[layer_pool + key[len(pool):]] = state[key]
         return {**aliases, **state}
 
     def save_all_adapters(self, save_directory: str, with_head: bool = True, meta_dict: dict = None,
@@ -220,7 +220,8 @@ class AdapterIOMixin:
                 key = f"{self.base_model_prefix}.{key}"
             alias = _PREFIX_ALIAS.match(key)
             if alias is not None:
-                aliases.setdefault(f"{alias.group('base')}{_POOL_PREFIX}{alias.group('rest')}", []).append((key, tensor))
+                pool_key = f"{alias.group('base')}{_POOL_PREFIX}{alias.group('rest')}"
+                aliases.setdefault(pool_key, []).append((key, tensor))
                 continue
             renamed[key] = tensor
         for pool_key, copies in aliases.items():

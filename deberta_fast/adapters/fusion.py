@@ -32,8 +32,8 @@ import torch.nn as nn
 
 from .configuration import AdapterConfig
 
-__all__ = ["ADAPTERFUSION_CONFIG_MAP", "DEFAULT_ADAPTERFUSION_CONFIG", "AdapterFusionConfig", "AdapterFusionLayer", "DynamicAdapterFusionConfig",
-           "StaticAdapterFusionConfig", "fusion_regularization_loss"]
+__all__ = ["ADAPTERFUSION_CONFIG_MAP", "DEFAULT_ADAPTERFUSION_CONFIG", "AdapterFusionConfig", "AdapterFusionLayer",
+           "DynamicAdapterFusionConfig", "StaticAdapterFusionConfig", "fusion_regularization_loss"]
 
 
 @dataclass(eq=False)

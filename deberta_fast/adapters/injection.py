@@ -73,7 +73,7 @@ def inject_adapter_layers(base_model: nn.Module, registry) -> None:
     hidden_size = config.hidden_size
     pool = getattr(base_model, "prefix_tuning", None) or PrefixTuningPool(registry)
     prompt = getattr(base_model, "prompt_tuning", None) or PromptTuningLayer(registry, config,
-                                                                             base_model.get_input_embeddings())
+                                                                             base_model.get_input_embeddings)
     attach_model_parts(base_model, registry, pool, prompt)
     for i, layer in enumerate(base_model.encoder.layer):
         if not isinstance(layer, DebertaV2LayerWithAdapters):

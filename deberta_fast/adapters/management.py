@@ -25,10 +25,10 @@ from .configuration import (
     ReftConfig,
     adapter_config_hash,
 )
+from .bottleneck import bottleneck_size
 from .layer_base import AdapterLayerBase
 from .lora import LoRALinear
 from .phm import shared_phm_parameters
-from .bottleneck import bottleneck_size
 from .summary import format_summary
 
 logger = logging.getLogger("deberta_fast")

@@ -108,10 +108,11 @@ class PromptTuningLayer(AdapterLayerBase, nn.Module):
 
     adapter_modules_name = "prompt_tunings"
 
-    def __init__(self, registry, model_config, word_embeddings: nn.Embedding):
+    def __init__(self, registry, model_config, get_word_embeddings):
         super().__init__()
         self._init_adapter_layer(registry, -1, "prompt")
-        object.__setattr__(self, "_word_embeddings", word_embeddings)
+        # the base model's word embeddings, looked up when a prompt is added (they may be resized or replaced)
+        object.__setattr__(self, "_get_word_embeddings", get_word_embeddings)
         object.__setattr__(self, "_model_config", model_config)
         self.prompt_tunings = nn.ModuleDict()
 
@@ -119,7 +120,7 @@ class PromptTuningLayer(AdapterLayerBase, nn.Module):
         config = self._registry.match(name, PromptTuningConfig)
         if config is None:
             return False
-        module = PromptTuning(name, config, self._model_config, self._word_embeddings)
+        module = PromptTuning(name, config, self._model_config, self._get_word_embeddings())
         module.train(self.training)
         self.prompt_tunings[name] = module
         return True

@@ -104,9 +104,12 @@ class AdapterRegistry:
             del self.config_map[key]
 
     def replace_config(self, name: str, config: AdapterConfig) -> None:
-        """Give adapter ``name`` a new config (e.g. flat=True after eject_prefix_tuning)."""
+        """Give adapter ``name`` a new config (e.g. flat=True after eject_prefix_tuning); its place in the order of
+        adapters is kept."""
+        order = list(self.adapters)
         self.remove(name)
         self.add(name, config)
+        self.adapters = {n: self.adapters[n] for n in order}
 
     # ---- fusions ----------------------------------------------------------------------------------------------
 
