@@ -109,17 +109,21 @@ def tiny_inputs(batch: int = 2, length: int = 9, vocab: int = 97, seed: int = 3)
     return {"input_ids": ids, "attention_mask": mask}
 
 
+_SEGMENTS = (".adapters.{}.", ".loras.{}.", ".prefix_tunings.{}.", ".prefix_gates.{}.", ".refts.{}.",
+             ".prompt_tunings.{}.", ".shared_parameters.{}.", ".adapter_fusion_layer.{}.")
+
+
 @torch.no_grad()
 def randomize_adapter_(model, name: str, seed: int = 7, scale: float = 0.2) -> None:
-    """Draw every parameter of adapter ``name`` from N(0, scale); (IA)³ scale vectors from 1 + N(0, scale)."""
+    """Draw every parameter of adapter (or fusion) ``name`` from N(0, scale); (IA)³ scale vectors from
+    1 + N(0, scale)."""
     from deberta_fast.adapters.lora import IA3
 
     generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        holder = getattr(module, "adapter_modules_name", "")
-        if not holder or name not in getattr(module, holder):
+    for key, param in model.named_parameters():
+        segment = next((s.format(name) for s in _SEGMENTS if s.format(name) in key), None)
+        if segment is None:
             continue
-        adapter = getattr(module, holder)[name]
-        for param in adapter.parameters():
-            noise = torch.randn(param.shape, generator=generator) * scale
-            param.copy_(noise + 1.0 if isinstance(adapter, IA3) else noise)
+        module = model.get_submodule(key[: key.index(segment) + len(segment) - 1])
+        noise = torch.randn(param.shape, generator=generator) * scale
+        param.copy_(noise + 1.0 if isinstance(module, IA3) else noise)

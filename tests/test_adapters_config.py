@@ -151,7 +151,7 @@ def test_composition_parsing_and_nesting():
             if child in allowed:
                 parse_composition(block)
             else:
-                with pytest.raises(ValueError, match="cannot nest|too deep"):
+                with pytest.raises(ValueError, match="Cannot nest|too deep"):
                     parse_composition(block)
     data = Stack("a", Average("b", "c", weights=[1, 1])).to_dict()
     assert data == {"type": "Stack", "children": [{"type": "single", "children": ["a"]}, {

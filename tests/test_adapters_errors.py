@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapters_helpers import tiny_inputs, tiny_model
-from deberta_fast.adapters import AdapterSetup, BatchSplit, Fuse, Parallel, Stack
+from deberta_fast.adapters import AdapterSetup, Average, BatchSplit, Fuse, Parallel, Split, Stack
 
 
 @pytest.fixture
@@ -63,12 +63,19 @@ def test_unknown_config_key_or_method(model, config):
     assert "new" not in model.adapters_config
 
 
-@pytest.mark.parametrize("config", ["compacter", "prefix_tuning", "prompt_tuning", "loreft", "vera", "dora", "mam",
-                                    "unipelt", "seq_bn_inv", "lora[attn_matrices=['o']]"])
+@pytest.mark.parametrize("config", ["vera", "dora", "mtl_lora", "seq_bn_inv", "lora[attn_matrices=['o']]"])
 def test_methods_not_run_by_this_version_raise(model, config):
     with pytest.raises(ValueError, match="not supported by this model"):
         model.add_adapter("new", config=config)
     assert "new" not in model.adapters_config and not model.get_adapter("new")
+
+
+def test_compacter_bottleneck_must_divide_by_phm_dim(model):
+    """hidden 32 // reduction_factor 32 = 1 is not a multiple of phm_dim 4 (AdapterHub: AssertionError)."""
+    with pytest.raises(ValueError, match="not divisible by phm_dim=4"):
+        model.add_adapter("new", config="compacter")
+    assert "new" not in model.adapters_config and not model.get_adapter("new")
+    assert "new" not in model.deberta.shared_parameters
 
 
 def test_merge_errors(model):
@@ -111,12 +118,24 @@ def test_invalid_values_and_arguments(model):
         model(**tiny_inputs(), labels=torch.tensor([0, 1]))
 
 
-def test_composition_blocks_of_a_later_version_raise(model):
+def test_blocks_a_method_cannot_run_raise_adapterhubs_error(model):
+    """LoRA runs Stack, BatchSplit, Average, Parallel (and MultiTask); Fuse and Split raise NotImplementedError, as
+    in AdapterHub; prefix tuning has no Average."""
     model.add_adapter("b", config="lora")
     inputs = tiny_inputs()
-    for setup in (Parallel("a", "b"), BatchSplit("a", "b", batch_sizes=[1, 1]), Fuse("a", "b")):
+    for setup in (Fuse("a", "b"), Split("a", "b", splits=[4, 5])):
         model.set_active_adapters(setup)
         with pytest.raises(NotImplementedError, match=type(setup).__name__):
             model(**inputs)
-    with pytest.raises(ValueError, match="cannot nest"):
+    model.add_adapter("p", config="prefix_tuning[prefix_length=2]")
+    model.add_adapter("q", config="prefix_tuning[prefix_length=2]")
+    model.set_active_adapters(Average("p", "q"))
+    with pytest.raises(NotImplementedError, match="Average"):
+        model(**inputs)
+    with pytest.raises(ValueError, match="Adapter setup is invalid. Cannot nest"):
         model.set_active_adapters(Fuse("a", Parallel("a", "b")))
+    with pytest.raises(ValueError, match="Adapter setup is too deep"):
+        model.set_active_adapters(Stack("a", Average("a", BatchSplit(Stack("a"), "b", batch_sizes=[1, 1]))))
+    model.set_active_adapters(BatchSplit("a", "b", batch_sizes=[1, 2]))
+    with pytest.raises(IndexError, match="not equal to the sum of batch_sizes"):
+        model(**inputs)

@@ -152,7 +152,7 @@ def test_lora_on_query_and_key_reaches_the_position_terms():
     assert (1, span, model.config.hidden_size) in seen, seen
     assert float((full - reference).abs().max()) <= TOLERANCE
 
-    def content_only_positions(self, rel_embeddings):
+    def content_only_positions(self, rel_embeddings, batch=1):
         rel = self.pos_dropout(rel_embeddings)[: self.position_spec.num_slots].unsqueeze(0)
         key = self._heads(F.linear(rel, self.key_proj.weight, self.key_proj.bias))
         query = self._heads(F.linear(rel, self.query_proj.weight, self.query_proj.bias))

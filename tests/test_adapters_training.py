@@ -13,8 +13,15 @@ def _trainable(model) -> set:
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
+_OWNED = (".loras.x.", ".adapters.x.", ".prefix_tunings.x.", ".prefix_gates.x.", ".prompt_tunings.x.", ".refts.x.",
+          ".shared_parameters.x.")
+
+
 @pytest.mark.parametrize("config", ["lora[attn_matrices=['q','k','v'], output_lora=True]", "ia3", "seq_bn",
-                                    "double_seq_bn", "scaled_par_bn"])
+                                    "double_seq_bn", "scaled_par_bn",
+                                    "prefix_tuning[prefix_length=2, bottleneck_size=8, use_gating=True]",
+                                    "prompt_tuning[prompt_length=2]", "compacter[reduction_factor=4]",
+                                    "loreft[dropout=0.0]", "unipelt"])
 def test_train_adapter_trains_only_that_adapter_and_its_head(config):
     model = tiny_model("v3")
     model.add_adapter("x", config=config)
@@ -24,7 +31,7 @@ def test_train_adapter_trains_only_that_adapter_and_its_head(config):
     model.train_adapter("x")
     assert model.training and model.active_adapters.flatten() == {"x"} and model.active_head == "x"
     trainable = _trainable(model)
-    assert trainable and all(".loras.x." in n or ".adapters.x." in n or n.startswith("heads.x.") for n in trainable)
+    assert trainable and all(any(o in n for o in _OWNED) or n.startswith("heads.x.") for n in trainable)
     assert {n for n in trainable if n.startswith("heads.")} == {n for n, _ in model.named_parameters()
                                                                if n.startswith("heads.x.")}
     assert any(".x." in n and not n.startswith("heads.") for n in trainable)
@@ -175,11 +182,12 @@ def test_get_adapter_iter_layers_and_apply():
     assert [i for i, _ in model.iter_layers()] == [0, 1]
     order = []
     model.apply_to_adapter_layers(lambda i, layer: order.append((i, layer.location_key)))
-    assert order[:7] == [(0, "selfattn_lora")] * 3 + [(0, "mh_adapter"), (0, "intermediate_lora"),
-                                                      (0, "output_adapter"), (0, "output_lora")]
+    # AdapterHub's order within a layer (reference §4)
+    assert order[:9] == [(0, "selfattn_lora")] * 3 + [(0, "self_prefix"), (0, "mh_adapter"), (0, "intermediate_lora"),
+                                                      (0, "output_adapter"), (0, "output_lora"), (0, "output_reft")]
     visited = []
-    model.apply_to_basemodel_childs(lambda i, child: visited.append(i))
-    assert visited == []
+    model.apply_to_basemodel_childs(lambda i, child: visited.append((i, child.adapter_modules_name)))
+    assert visited == [(-1, "prompt_tunings")]
     assert model.adapter_summary(as_dict=True)[0]["architecture"] == "union"
 
 

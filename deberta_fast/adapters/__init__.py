@@ -20,11 +20,13 @@ from .configuration import (
     ConfigUnion,
     DoRAConfig,
     DoubleSeqBnConfig,
+    DiReftConfig,
     DoubleSeqBnInvConfig,
     IA3Config,
     LoRAConfig,
     LoReftConfig,
     MAMConfig,
+    NoReftConfig,
     ParBnConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -35,13 +37,21 @@ from .configuration import (
     VeraConfig,
 )
 from .context import AdapterSetup, ForwardContext
+from .fusion import (
+    ADAPTERFUSION_CONFIG_MAP,
+    AdapterFusionConfig,
+    DynamicAdapterFusionConfig,
+    StaticAdapterFusionConfig,
+)
 from .heads import MultiHeadOutput
 from .model import DebertaV2AdapterModel
 
 __all__ = [
+    "ADAPTERFUSION_CONFIG_MAP",
     "ADAPTER_CONFIG_MAP",
     "ALLOWED_NESTINGS",
     "AdapterConfig",
+    "AdapterFusionConfig",
     "AdapterSetup",
     "Average",
     "BatchSplit",
@@ -50,9 +60,11 @@ __all__ = [
     "CompacterPlusPlusConfig",
     "ConfigUnion",
     "DebertaV2AdapterModel",
+    "DiReftConfig",
     "DoRAConfig",
     "DoubleSeqBnConfig",
     "DoubleSeqBnInvConfig",
+    "DynamicAdapterFusionConfig",
     "ForwardContext",
     "Fuse",
     "IA3Config",
@@ -61,6 +73,7 @@ __all__ = [
     "MAMConfig",
     "MultiHeadOutput",
     "MultiTask",
+    "NoReftConfig",
     "ParBnConfig",
     "Parallel",
     "PrefixTuningConfig",
@@ -70,6 +83,7 @@ __all__ = [
     "SeqBnInvConfig",
     "Split",
     "Stack",
+    "StaticAdapterFusionConfig",
     "UniPELTConfig",
     "VeraConfig",
     "parse_composition",

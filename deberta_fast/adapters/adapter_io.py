@@ -1,8 +1,17 @@
-"""save_adapter / load_adapter / save_head / load_head in AdapterHub 1.3.0's format (see persistence.py).
+"""save_adapter / load_adapter / save_head / load_head / save_adapter_fusion / load_adapter_fusion in AdapterHub
+1.3.0's format (see persistence.py).
 
 Loading is strict where AdapterHub only logs: a weights file whose keys do not match the adapter's modules (missing
 keys, unexpected keys, wrong shapes) raises ValueError naming the file and the keys, and the model is left as it
 was before the call. Keys of layers dropped with ``leave_out`` are skipped, as intended by that option.
+
+Prefix tuning: AdapterHub's files hold every prefix tensor twice, under the pool (``deberta.prefix_tuning.``) and
+under each layer's alias (``deberta.encoder.layer.<i>.attention.self.prefix_tuning.pool.``). Saving writes both
+(as separate tensors in safetensors files, which AdapterHub cannot write); loading accepts either and checks that
+copies agree. A prefix file whose config says flat=False but whose tensors are the flat form (AdapterHub saves an
+ejected prefix that way) loads as flat=True.
+
+``load_adapter`` also takes a Hugging Face Hub id (hub.py resolves it to a local snapshot).
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from packaging.version import InvalidVersion, Version
 
 from . import persistence as files
 from .configuration import adapter_config_hash
+from .fusion_management import fusion_name_of
+from .hub import resolve_adapter_path
 from .static_heads import STATIC_HEAD_ARCHITECTURES, static_head_conversion
 
 logger = logging.getLogger("deberta_fast")
@@ -32,6 +43,9 @@ _LEGACY_RENAMES = {"attention_text_task_adapters": "adapters", "attention_text_l
 # Activation names of files written before AdapterHub versioned its files.
 _ACTIVATION_RENAMES = {"gelu": "gelu_new", "gelu_orig": "gelu"}
 _LAYER_INDEX = re.compile(r"\.layer\.(\d+)\.")
+# AdapterHub's per-layer alias of the prefix pool, and the pool itself.
+_PREFIX_ALIAS = re.compile(r"^(?P<base>.*)encoder\.layer\.\d+\.attention\.self\.prefix_tuning\.pool\.(?P<rest>.*)$")
+_POOL_PREFIX = "prefix_tuning."
 
 
 def _belongs_to_adapter(key: str, name: str) -> bool:
@@ -43,7 +57,7 @@ def _rename_adapter_key(key: str, old: str, new: str) -> str:
         key = key.replace(legacy, current)
     if old != new:
         for segment in ("adapters.{}.", ".prefix_tunings.{}.", ".prefix_gates.{}.", ".loras.{}.",
-                        ".shared_parameters.{}.", ".refts.{}."):
+                        ".shared_parameters.{}.", ".refts.{}.", ".prompt_tunings.{}."):
             key = key.replace(segment.format(old), segment.format(new))
     return key
 
@@ -97,7 +111,7 @@ class AdapterIOMixin:
                              f"Added adapters: {list(self.adapters_config)}")
         _make_directory(save_directory)
         config = self.adapters_config.get(adapter_name)
-        state = {k: v for k, v in self.state_dict().items() if _belongs_to_adapter(k, adapter_name)}
+        state = self._adapter_state_dict(adapter_name)
         weights_name = files.SAFE_WEIGHTS_NAME if use_safetensors else files.WEIGHTS_NAME
         files.write_weights(os.path.join(save_directory, weights_name), state, use_safetensors)
         files.write_json(os.path.join(save_directory, files.CONFIG_NAME),
@@ -106,6 +120,20 @@ class AdapterIOMixin:
             self.save_head(save_directory, adapter_name, use_safetensors=use_safetensors)
         for loader in custom_weights_loaders or []:
             loader.save(save_directory, adapter_name)
+
+    def _adapter_state_dict(self, adapter_name: str) -> dict:
+        """The adapter's tensors under AdapterHub's keys (prefix pool tensors also under each layer's alias)."""
+        state = {k: v for k, v in self.state_dict().items() if _belongs_to_adapter(k, adapter_name)}
+        pool = f"{self.base_model_prefix}.{_POOL_PREFIX}"
+        pool_keys = [k for k in state if k.startswith(pool)]
+        if not pool_keys:
+            return state
+        aliases = {}
+        for i, _ in self.iter_layers():
+            layer_pool = f"{self.base_model_prefix}.encoder.layer.{i}.attention.self.prefix_tuning.pool."
+            for key in pool_keys:
+                aliases[layer_pool + key[len(pool):]] = state[key]
+        return {**aliases, **state}
 
     def save_all_adapters(self, save_directory: str, with_head: bool = True, meta_dict: dict = None,
                           custom_weights_loaders=None, use_safetensors: bool = False) -> None:
@@ -120,22 +148,23 @@ class AdapterIOMixin:
     def load_adapter(self, adapter_name_or_path: str, config=None, version=None, model_name=None, load_as=None,
                      with_head: bool = True, custom_weights_loaders=None, leave_out=None, id2label=None,
                      set_active: bool = False, use_safetensors: bool = False, **kwargs) -> str:
-        """Load an adapter saved by ``save_adapter`` (here or in AdapterHub) from a local directory; returns the
-        name it was added under (``load_as`` or the saved name). ``leave_out`` drops the adapter from those
-        layers; ``use_safetensors`` prefers adapter.safetensors; ``id2label`` overrides the head's labels."""
+        """Load an adapter saved by ``save_adapter`` (here or in AdapterHub) from a local directory or a Hugging Face
+        Hub repository id (``version``: its revision; ``cache_dir`` / ``token`` / ``local_files_only`` go to the
+        download); returns the name it was added under (``load_as`` or the saved name). ``leave_out`` drops the
+        adapter from those layers; ``use_safetensors`` prefers adapter.safetensors; ``id2label`` overrides the
+        head's labels."""
         loading_info = kwargs.pop("loading_info", None)
         num_labels = kwargs.pop("num_labels", None)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("cache_dir", "token", "local_files_only", "force_download")
+                      if k in kwargs}
         if kwargs:
             raise TypeError(f"load_adapter got unexpected keyword arguments {sorted(kwargs)}")
-        if config is not None or model_name is not None or version is not None:
-            logger.warning("load_adapter: 'config', 'model_name' and 'version' select adapters on the AdapterHub Hub; "
-                           "deberta_fast loads from local directories and ignores them")
+        if config is not None or model_name is not None:
+            logger.warning("load_adapter: 'config' and 'model_name' selected adapters on the retired AdapterHub Hub; "
+                           "deberta_fast loads local directories and Hugging Face Hub repositories and ignores them")
         if num_labels is not None and id2label is None:
             id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-        directory = adapter_name_or_path
-        if not os.path.isdir(directory):
-            raise OSError(f"{directory}: not a directory; deberta_fast loads adapters saved with save_adapter from a "
-                          "local directory (no AdapterHub / Hugging Face Hub download)")
+        directory = resolve_adapter_path(adapter_name_or_path, version=version, **hub_kwargs)
         config_path = os.path.join(directory, files.CONFIG_NAME)
         file_config = files.read_json(config_path)
         for key in ("config", "name"):
@@ -154,6 +183,7 @@ class AdapterIOMixin:
         if weights_path is None:
             raise OSError(f"{directory}: no {files.WEIGHTS_NAME} or {files.SAFE_WEIGHTS_NAME} found")
         state = files.read_weights(weights_path)
+        _fix_ejected_prefix(file_config, state, weights_path)
 
         saved_name = file_config["name"]
         name = load_as or saved_name
@@ -183,12 +213,24 @@ class AdapterIOMixin:
         return name
 
     def _copy_adapter_weights(self, path: str, state: dict, saved_name: str, name: str, left_out: set) -> None:
-        renamed = {}
+        renamed, aliases = {}, {}
         for key, tensor in state.items():
             key = _rename_adapter_key(key, saved_name, name)
             if not key.startswith(self.base_model_prefix + "."):
                 key = f"{self.base_model_prefix}.{key}"
+            alias = _PREFIX_ALIAS.match(key)
+            if alias is not None:
+                pool_key = f"{alias.group('base')}{_POOL_PREFIX}{alias.group('rest')}"
+                aliases.setdefault(pool_key, []).append((key, tensor))
+                continue
             renamed[key] = tensor
+        for pool_key, copies in aliases.items():
+            reference = renamed.setdefault(pool_key, copies[0][1])
+            differing = [key for key, tensor in copies if tensor.shape != reference.shape
+                         or not torch.equal(tensor, reference)]
+            if differing:
+                raise ValueError(f"{path}: the prefix tensor {pool_key} and its per-layer copies {differing} differ; "
+                                 "the file is inconsistent")
         expected = {k: v for k, v in self._named_tensors().items() if _belongs_to_adapter(k, name)}
         unexpected, skipped = [], []
         for key in renamed:
@@ -206,6 +248,109 @@ class AdapterIOMixin:
                 target.copy_(renamed[key])
         if skipped:
             logger.info("%s: skipped %d tensors of left-out layers", path, len(skipped))
+
+    # ---- AdapterFusion ----------------------------------------------------------------------------------------
+
+    def save_adapter_fusion(self, save_directory: str, adapter_names, meta_dict: dict = None,
+                            custom_weights_loaders=None, with_head=False, use_safetensors: bool = False) -> None:
+        """Write an AdapterFusion (adapter_fusion_config.json + pytorch_model_adapter_fusion.bin, or
+        model_adapter_fusion.safetensors) to ``save_directory``. ``with_head``: True saves the head named like the
+        fusion, a string names the head."""
+        name = fusion_name_of(adapter_names)
+        config, names = self.adapters_config.get_fusion(name)
+        if config is None:
+            raise ValueError(f"Unknown AdapterFusion '{name}'. Fusions: {list(self.adapters_config.fusions)}")
+        head_name = None
+        if with_head:
+            head_name = with_head if isinstance(with_head, str) else name
+            if head_name not in self.heads:
+                raise ValueError(f"No head with name {head_name} found")
+        _make_directory(save_directory)
+        marker = f".adapter_fusion_layer.{name}."
+        state = {k: v for k, v in self.state_dict().items() if marker in k}
+        weights_name = files.SAFE_ADAPTERFUSION_WEIGHTS_NAME if use_safetensors else files.ADAPTERFUSION_WEIGHTS_NAME
+        files.write_weights(os.path.join(save_directory, weights_name), state, use_safetensors)
+        envelope = self._file_envelope(config.to_dict(), name, meta_dict)
+        envelope["adapter_names"] = list(names)
+        files.write_json(os.path.join(save_directory, files.ADAPTERFUSION_CONFIG_NAME), envelope)
+        for loader in custom_weights_loaders or []:
+            loader.save(save_directory, name)
+        if head_name is not None:
+            self.save_head(save_directory, head_name, use_safetensors=use_safetensors)
+
+    def save_all_adapter_fusions(self, save_directory: str, meta_dict: dict = None, custom_weights_loaders=None,
+                                 use_safetensors: bool = False) -> None:
+        """save_adapter_fusion for every fusion into ``save_directory/<fusion name>`` (with "config_id")."""
+        _make_directory(save_directory)
+        for name in self.adapters_config.fusions:
+            meta = dict(meta_dict or {})
+            meta["config_id"] = adapter_config_hash(self.adapters_config.get_fusion(name)[0])
+            self.save_adapter_fusion(os.path.join(save_directory, name), name, meta_dict=meta,
+                                     custom_weights_loaders=custom_weights_loaders, use_safetensors=use_safetensors)
+
+    def load_adapter_fusion(self, adapter_fusion_name_or_path: str, load_as: str = None, custom_weights_loaders=None,
+                            set_active: bool = False, with_head: bool = True, use_safetensors: bool = False,
+                            **kwargs) -> str:
+        """Load an AdapterFusion saved by ``save_adapter_fusion`` (here or in AdapterHub); its adapters must be
+        loaded already. Returns the fusion name (``load_as`` or the saved one)."""
+        loading_info = kwargs.pop("loading_info", None)
+        if kwargs:
+            raise TypeError(f"load_adapter_fusion got unexpected keyword arguments {sorted(kwargs)}")
+        directory = adapter_fusion_name_or_path
+        weights_path = files.weights_file(directory, files.ADAPTERFUSION_WEIGHTS_NAME,
+                                          files.SAFE_ADAPTERFUSION_WEIGHTS_NAME, use_safetensors)
+        if not os.path.isdir(directory) or weights_path is None:
+            raise ValueError(f"{directory}: Loading path should be a directory where AdapterFusion is saved "
+                             f"({files.ADAPTERFUSION_CONFIG_NAME} + {files.ADAPTERFUSION_WEIGHTS_NAME} or "
+                             f"{files.SAFE_ADAPTERFUSION_WEIGHTS_NAME}).")
+        config_path = os.path.join(directory, files.ADAPTERFUSION_CONFIG_NAME)
+        file_config = files.read_json(config_path)
+        for key in ("config", "name"):
+            if key not in file_config:
+                raise ValueError(f"{config_path}: missing the {key!r} entry of an AdapterFusion config")
+        saved_name = file_config["name"]
+        name = load_as or saved_name
+        adapter_names = file_config.get("adapter_names", name)
+        state = files.read_weights(weights_path)
+        added = name not in self.adapters_config.fusions
+        if added:
+            self.add_adapter_fusion(adapter_names, file_config["config"], name=name, overwrite_ok=True,
+                                    set_active=set_active)
+        else:
+            logger.warning("Overwriting existing adapter fusion module '%s'", name)
+        try:
+            renamed = {k.replace(f".adapter_fusion_layer.{saved_name}.", f".adapter_fusion_layer.{name}."): v
+                       for k, v in state.items()}
+            marker = f".adapter_fusion_layer.{name}."
+            expected = {k: v for k, v in self._named_tensors().items() if marker in k}
+            unexpected = [k for k in renamed if k not in expected]
+            missing = sorted(k for k in expected if k not in renamed)
+            _raise_on_mismatch(weights_path, missing, unexpected, renamed, expected)
+            with torch.no_grad():
+                for key, target in expected.items():
+                    target.copy_(renamed[key])
+        except Exception:
+            if added:
+                self.delete_adapter_fusion(name)
+            raise
+        if isinstance(loading_info, dict):
+            loading_info.setdefault("missing_keys", [])
+            loading_info.setdefault("unexpected_keys", [])
+        if with_head:
+            self._load_head_dir(directory, load_as=load_as, id2label=None, use_safetensors=use_safetensors,
+                                set_active=set_active, main_load_name=name, required=False)
+        for loader in custom_weights_loaders or []:
+            loader.load(directory, load_as=load_as, loading_info=loading_info, main_load_name=name,
+                        set_active=set_active)
+        if set_active:
+            self.set_active_adapters(self._fuse_block(name))
+        return name
+
+    def _fuse_block(self, fusion_name: str):
+        from .composition import Fuse
+
+        _, names = self.adapters_config.get_fusion(fusion_name)
+        return Fuse(*names, name=fusion_name)
 
     # ---- heads ------------------------------------------------------------------------------------------------
 
@@ -334,3 +479,19 @@ def _make_directory(path: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path}: exists and is not a directory")
     os.makedirs(path, exist_ok=True)
+
+
+def _fix_ejected_prefix(file_config: dict, state: dict, path: str) -> None:
+    """A prefix-tuning file saved by AdapterHub after eject_prefix_tuning holds the flat tensors while its config
+    still says flat=False; load it as flat=True (with a warning)."""
+    config = file_config.get("config")
+    members = config.get("configs", []) if isinstance(config, dict) and config.get("architecture") == "union" \
+        else [config]
+    for member in members:
+        if not isinstance(member, dict) or member.get("architecture") != "prefix_tuning" or member.get("flat"):
+            continue
+        keys = [k for k in state if ".prefix_tunings." in k]
+        if keys and all(k.endswith(".control_trans") for k in keys):
+            logger.warning("%s: the prefix tensors are the flat (ejected) form but the config says flat=False "
+                           "(AdapterHub saves ejected prefixes that way); loading with flat=True", path)
+            member["flat"] = True

@@ -18,7 +18,16 @@ sub-layer's residual input and LN the sub-layer's LayerNorm (the pre-trained one
 
 The parallel adapter (is_parallel) reads z = inp, adds no residual in the core, and posts LN(a + h + inp).
 The core ``up(act(down(z))) · scaling + residual`` goes through ``deberta_fast.ops.bottleneck_adapter`` whenever
-its activation is one the op knows; gating, dropout and the norms stay here.
+its activation is one the op knows; gating, dropout and the norms stay here. With ``phm_layer`` (Compacter) the two
+projections are PHM layers (phm.py) whose equivalent weight matrix feeds the same op; PHM layers keep their own
+initialisation whatever ``init_weights`` says (AdapterHub crashes on "mam_adapter" / "houlsby" with PHM).
+
+Composition (AdapterHub's rules): Stack re-runs each adapter's pre stage on the previous output; Fuse feeds the
+up-projections of its children to the AdapterFusion layer (fusion.py) with the query of the last child; Split
+cuts the sequence; Average takes the weighted mean of the children's outputs. Parallel and BatchSplit run each
+row group as its own setup would run alone (each child's own pre and post stages), so every channel equals the
+single-adapter run; AdapterHub applies the first child's pre stage and the last child's post stage to all rows,
+which differs only when the children's configurations differ.
 """
 
 from __future__ import annotations
@@ -33,10 +42,12 @@ from transformers.activations import get_activation
 
 from ..ops.bottleneck import ACTIVATIONS as OP_ACTIVATIONS
 from ..ops.bottleneck import bottleneck_adapter
-from .composition import Average, Stack
+from .composition import AdapterCompositionBlock, Average, BatchSplit, Fuse, Parallel, Split, Stack
 from .configuration import BnConfig
+from .fusion import AdapterFusionLayer
 from .initialization import seeded_generator
-from .layer_base import AdapterLayerBase
+from .layer_base import AdapterLayerBase, concat_row_labels, row_groups, slice_row_labels
+from .phm import PHMLayer
 
 __all__ = ["Activation", "BottleneckAdapter", "BottleneckLayerMixin", "ParallelBottleneckAdapter",
            "bottleneck_size"]
@@ -103,7 +114,8 @@ class BottleneckAdapter(nn.Module):
 
     parallel = False
 
-    def __init__(self, name: str, hidden_size: int, down_size: int, config: BnConfig, device=None, dtype=None):
+    def __init__(self, name: str, hidden_size: int, down_size: int, config: BnConfig, device=None, dtype=None,
+                 registry=None):
         super().__init__()
         self.name = name
         self.ln_before = config["ln_before"]
@@ -120,11 +132,18 @@ class BottleneckAdapter(nn.Module):
         if self.ln_before:
             self.adapter_norm_before = nn.LayerNorm(hidden_size, **factory)
             layers.append(self.adapter_norm_before)
-        layers.append(nn.Linear(hidden_size, down_size, **factory))
+        self.phm = bool(config["phm_layer"])
+        if self.phm:
+            layers.append(PHMLayer(name, hidden_size, down_size, "down", config, registry, **factory))
+        else:
+            layers.append(nn.Linear(hidden_size, down_size, **factory))
         self.non_linearity = Activation(config["non_linearity"])
         layers.append(self.non_linearity)
         self.adapter_down = nn.Sequential(*layers)
-        self.adapter_up = nn.Linear(down_size, hidden_size, **factory)
+        if self.phm:
+            self.adapter_up = PHMLayer(name, down_size, hidden_size, "up", config, registry, **factory)
+        else:
+            self.adapter_up = nn.Linear(down_size, hidden_size, **factory)
         scaling = config["scaling"]
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float, str)):
             raise ValueError(f"scaling must be a float, 'learned' or 'channel'; got {scaling!r}")
@@ -144,13 +163,25 @@ class BottleneckAdapter(nn.Module):
         self._initialize(config)
 
     @property
-    def down_linear(self) -> nn.Linear:
+    def down_linear(self) -> nn.Module:
+        """The down projection: nn.Linear, or a PHMLayer (which has the same ``weight`` / ``bias`` view)."""
         return self.adapter_down[1 if self.ln_before else 0]
 
     @torch.no_grad()
     def _initialize(self, config: BnConfig) -> None:
-        generator = seeded_generator(config["init_weights_seed"], self.adapter_up.weight.device)
+        reference = self.adapter_up.bias if self.adapter_up.bias is not None else next(self.parameters())
+        if reference.device.type == "meta":
+            return
+        generator = seeded_generator(config["init_weights_seed"], reference.device)
         scheme = config["init_weights"]
+        if self.phm:
+            # PHM projections keep their own initialisation (module docstring); only norms and the gate here.
+            for module in self.adapter_down:
+                if isinstance(module, nn.LayerNorm):
+                    _bert_init(module, generator)
+            if self.use_gating:
+                _bert_init(self.gate, generator)
+            return
         if scheme == "bert":
             for module in (*self.adapter_down, self.adapter_up):
                 _bert_init(module, generator)
@@ -174,7 +205,13 @@ class BottleneckAdapter(nn.Module):
 
     def pre_forward(self, h, inp, layer_norm):
         """-> (adapter input z, adapter residual)."""
+        z, _, residual = self.pre_forward_with_query(h, inp, layer_norm, None)
+        return z, residual
+
+    def pre_forward_with_query(self, h, inp, layer_norm, fusion_config):
+        """-> (adapter input z, AdapterFusion query (None without fusion_config), adapter residual)."""
         residual = h if self.residual_before_ln is True else None
+        query = h if fusion_config is not None and fusion_config["query_before_ln"] else None
         if self.original_ln_before:
             if inp is not None:
                 h = h + inp
@@ -184,26 +221,31 @@ class BottleneckAdapter(nn.Module):
                 h = layer_norm(h)
         if not self.residual_before_ln:
             residual = h
-        return h, residual
+        if fusion_config is not None and not fusion_config["query_before_ln"]:
+            query = h
+        return h, query, residual
 
     def forward(self, z, residual, need_up: bool = False):
-        """Core: -> (output, scaled up-projection or None). ``need_up`` returns the up-projection (AdapterFusion)."""
+        """Core: -> (output, scaled up-projection or None, gate [B, 1, 1] or None). ``need_up`` returns the
+        up-projection (AdapterFusion)."""
         fused_residual = (residual is not None and not need_up and not self.use_gating and not self.ln_after
                           and not (self.dropout.p > 0 and self.training))
         x = self.adapter_norm_before(z) if self.ln_before else z
         up = self._core(x, residual if fused_residual else None)
         if fused_residual:
-            return up, None
+            return up, None, None
         out = self.dropout(up)
+        gate = None
         if self.use_gating:
-            out = out * torch.sigmoid(self.gate(z)).mean(dim=1).unsqueeze(-1)
+            gate = torch.sigmoid(self.gate(z)).mean(dim=1).unsqueeze(-1)
+            out = out * gate
         if residual is not None and self.adapter_residual_before_ln:
             out = out + residual
         if self.ln_after:
             out = self.adapter_norm_after(out)
         if residual is not None and not self.adapter_residual_before_ln:
             out = out + residual
-        return out, up
+        return out, up, gate
 
     def _core(self, x, residual):
         """up(act(down(x))) · scaling (+ residual)."""
@@ -228,8 +270,8 @@ class ParallelBottleneckAdapter(BottleneckAdapter):
 
     parallel = True
 
-    def pre_forward(self, h, inp, layer_norm):
-        return inp, inp
+    def pre_forward_with_query(self, h, inp, layer_norm, fusion_config):
+        return inp, (inp if fusion_config is not None else None), inp
 
     def forward(self, z, residual, need_up: bool = False):
         # no residual inside the core: the sub-layer output h is added in post_forward
@@ -241,12 +283,16 @@ class ParallelBottleneckAdapter(BottleneckAdapter):
 
 
 class _BottleneckState(NamedTuple):
+    """hidden / input_tensor / adapter_residual [B, L, H]; up: the last scaled up-projection (Fuse); last: the
+    adapter whose post stage finishes the rows: None, a name, or a tuple with one name (or None) per row."""
+
     hidden: torch.Tensor
     input_tensor: torch.Tensor
     adapter_residual: torch.Tensor
     layer_norm: nn.Module | None
     up: torch.Tensor | None = None
-    last: str | None = None
+    last: str | tuple | None = None
+    want_up: bool = False
 
 
 class BottleneckLayerMixin(AdapterLayerBase):
@@ -254,7 +300,7 @@ class BottleneckLayerMixin(AdapterLayerBase):
     (attention.output: location "mh_adapter"; output: "output_adapter") and runs them around its LayerNorm."""
 
     adapter_modules_name = "adapters"
-    supported_compositions = (Stack, Average)
+    supported_compositions = (Stack, Fuse, Split, Parallel, BatchSplit, Average)
 
     def init_adapters(self, registry, layer_idx: int, location_key: str, hidden_size: int) -> None:
         self._init_adapter_layer(registry, layer_idx, location_key)
@@ -266,7 +312,7 @@ class BottleneckLayerMixin(AdapterLayerBase):
         config = self._registry.match(name, BnConfig, layer_idx=layer_idx, location_key=self.location_key)
         if config is None:
             return False
-        unsupported = [key for key, off in (("phm_layer", False), ("inv_adapter", None), ("cross_adapter", False),
+        unsupported = [key for key, off in (("inv_adapter", None), ("cross_adapter", False),
                                             ("stochastic_depth", 0.0)) if config[key] not in (off, None, 0, False)]
         if unsupported:
             raise NotImplementedError(f"bottleneck options {unsupported} are not implemented in this version of "
@@ -274,10 +320,45 @@ class BottleneckLayerMixin(AdapterLayerBase):
         down = bottleneck_size(self.hidden_size, config["reduction_factor"], layer_idx)
         cls = ParallelBottleneckAdapter if config["is_parallel"] else BottleneckAdapter
         reference = self.LayerNorm.weight
-        adapter = cls(name, self.hidden_size, down, config, device=reference.device, dtype=reference.dtype)
+        adapter = cls(name, self.hidden_size, down, config, device=reference.device, dtype=reference.dtype,
+                      registry=self._registry)
         adapter.train(self.training)
         self.adapters[name] = adapter
         return True
+
+    # ---- AdapterFusion ----------------------------------------------------------------------------------------
+
+    def add_fusion_layer(self, fusion_name: str) -> None:
+        """Create the fusion layer of ``fusion_name`` here if its adapters place a module at this location (they
+        must agree on that, as in AdapterHub)."""
+        config, names = self._registry.get_fusion(fusion_name)
+        if config is None or not self._registry.common_config_value(names, self.location_key):
+            return
+        model_config = getattr(self._registry, "model_config", None)
+        dropout = config["dropout_prob"] or getattr(model_config, "attention_probs_dropout_prob", 0.0) or 0.0
+        reference = self.LayerNorm.weight
+        fusion = AdapterFusionLayer(config, self.hidden_size, dropout, device=reference.device,
+                                    dtype=reference.dtype)
+        fusion.train(self.training)
+        self.adapter_fusion_layer[fusion_name] = fusion
+
+    def delete_fusion_layer(self, fusion_name: str) -> None:
+        if fusion_name in self.adapter_fusion_layer:
+            del self.adapter_fusion_layer[fusion_name]
+
+    def get_adapter_fusion(self, fusion_name: str):
+        return self.adapter_fusion_layer[fusion_name] if fusion_name in self.adapter_fusion_layer else None
+
+    def enable_adapters(self, setup, unfreeze_adapters: bool, unfreeze_fusion: bool) -> None:
+        super().enable_adapters(setup, unfreeze_adapters, unfreeze_fusion)
+        if unfreeze_fusion:
+            blocks = [setup, *setup.children] if isinstance(setup, AdapterCompositionBlock) else []
+            for block in blocks:
+                if isinstance(block, Fuse) and block.name in self.adapter_fusion_layer:
+                    for param in self.adapter_fusion_layer[block.name].parameters():
+                        param.requires_grad = True
+
+    # ---- forward ----------------------------------------------------------------------------------------------
 
     def adapter_layer_forward(self, h: torch.Tensor, inp: torch.Tensor, layer_norm: nn.Module) -> torch.Tensor:
         """h: sub-layer output after its dropout [B, L, H]; inp: residual input [B, L, H] -> [B, L, H]."""
@@ -285,18 +366,105 @@ class BottleneckLayerMixin(AdapterLayerBase):
         if setup is None:
             return layer_norm(h + inp)
         state = self.compose(setup, _BottleneckState(h, inp, inp, layer_norm))
-        if state.last is None:
+        last = state.last
+        if last is None:
             return layer_norm(h + inp)
-        return self.adapters[state.last].post_forward(state.hidden, h, state.input_tensor, layer_norm)
+        if isinstance(last, str):
+            return self.adapters[last].post_forward(state.hidden, h, state.input_tensor, layer_norm)
+        outputs = []
+        for name, rows in row_groups(last):
+            if name is None:
+                outputs.append(layer_norm(h[rows] + inp[rows]))
+            else:
+                outputs.append(self.adapters[name].post_forward(state.hidden[rows], h[rows], state.input_tensor[rows],
+                                                                layer_norm))
+        return torch.cat(outputs, dim=0)
 
     def pre_block(self, setup, state: _BottleneckState) -> _BottleneckState:
         name = setup.first() if not isinstance(setup, str) else setup
+        if name not in self.adapters:
+            return state
         hidden, residual = self.adapters[name].pre_forward(state.hidden, state.input_tensor, state.layer_norm)
         return state._replace(hidden=hidden, adapter_residual=residual)
 
+    def pre_branches(self, block, state: _BottleneckState) -> _BottleneckState:
+        return state
+
+    def compose_branch(self, block, child, state: _BottleneckState, level: int) -> _BottleneckState:
+        if isinstance(child, str):
+            if child not in self.adapters:
+                return state
+            return self.compose_single(child, self.pre_block(child, state), level + 1)
+        return self._compose_child(block, child, state, level)
+
     def compose_single(self, name: str, state: _BottleneckState, level: int = 0) -> _BottleneckState:
-        out, up = self.adapters[name](state.hidden, state.adapter_residual)
+        out, up, gate = self.adapters[name](state.hidden, state.adapter_residual, need_up=state.want_up)
+        if gate is not None:
+            self.store_gating_score(name, gate)
         return state._replace(hidden=out, up=up, last=name)
+
+    def compose_fuse(self, block: Fuse, state: _BottleneckState, level: int) -> _BottleneckState:
+        if set(self.adapters.keys()).isdisjoint(block.flatten()):
+            return state
+        config, _ = self._registry.get_fusion(block.name)
+        if block.name not in self.adapter_fusion_layer or config is None:
+            raise ValueError(f"no AdapterFusion layer {block.name!r} in layer {self.layer_idx} ({self.location_key}); "
+                             f"add it with add_adapter_fusion(Fuse({', '.join(map(repr, block.children))}))")
+        last = block.last()
+        hidden, query, residual = self.adapters[last].pre_forward_with_query(state.hidden, state.input_tensor,
+                                                                             state.layer_norm, config)
+        state = state._replace(hidden=hidden, adapter_residual=residual, want_up=True)
+        ups = [self._compose_child(block, child, state, level).up for child in block
+               if isinstance(child, AdapterCompositionBlock) or child in self.adapters]
+        if not ups:
+            return state._replace(last=last, want_up=False)
+        fused, probs = self.adapter_fusion_layer[block.name](query, torch.stack(ups, dim=2), state.adapter_residual)
+        self.store_fusion_attentions(block.name, probs)
+        return state._replace(hidden=fused, last=last, want_up=False)
+
+    def compose_split(self, block: Split, state: _BottleneckState, level: int) -> _BottleneckState:
+        length = state.hidden.shape[1]
+        if sum(block.splits) != length:
+            raise IndexError(f"The given input has sequence length {length} which is not equal to the sum of splits "
+                             f"{block.splits}")
+        # AdapterHub pre-processes with the first child; when that child has no module here, each child does its own
+        pre_done = block.first() in self.adapters
+        state = self.pre_block(block, state)
+        outputs, last, start = [], None, 0
+        for child, size in zip(block, block.splits):
+            cut = slice(start, start + size)
+            part = _BottleneckState(state.hidden[:, cut], state.input_tensor[:, cut], state.adapter_residual[:, cut],
+                                    state.layer_norm, state.up[:, cut] if state.up is not None else None,
+                                    want_up=state.want_up)
+            if isinstance(child, str) and child in self.adapters and not pre_done:
+                part = self.pre_block(child, part)
+            if isinstance(child, AdapterCompositionBlock) or child in self.adapters:
+                part = self._compose_child(block, child, part, level)
+                last = part.last or last
+            # a child without a module here keeps its positions as they are (AdapterHub drops them and fails)
+            outputs.append(part.hidden)
+            start += size
+        return state._replace(hidden=torch.cat(outputs, dim=1), last=last)
+
+    def vslice(self, state: _BottleneckState, index) -> _BottleneckState:
+        return _BottleneckState(state.hidden[index], state.input_tensor[index], state.adapter_residual[index],
+                                state.layer_norm, state.up[index] if state.up is not None else None,
+                                slice_row_labels(state.last, index), state.want_up)
+
+    def pad_and_concat(self, states: list) -> _BottleneckState:
+        ups = [s.up for s in states]
+        up = torch.cat(ups, dim=0) if all(u is not None for u in ups) else None
+        return _BottleneckState(torch.cat([s.hidden for s in states]), torch.cat([s.input_tensor for s in states]),
+                                torch.cat([s.adapter_residual for s in states]), states[0].layer_norm, up,
+                                concat_row_labels([(s.last, s.hidden.shape[0]) for s in states]), states[0].want_up)
+
+    def repeat(self, state: _BottleneckState, channels: int) -> _BottleneckState:
+        def rep(x):
+            return x.repeat(channels, 1, 1) if x is not None else None
+
+        last = state.last * channels if isinstance(state.last, tuple) else state.last
+        return _BottleneckState(rep(state.hidden), rep(state.input_tensor), rep(state.adapter_residual),
+                                state.layer_norm, rep(state.up), last, state.want_up)
 
     def mean(self, states: list, weights: list) -> _BottleneckState:
         w = torch.tensor(weights, dtype=states[0].hidden.dtype, device=states[0].hidden.device)

@@ -186,20 +186,18 @@ SUPPORTED_MODELS = {Parallel: ["albert", "bert", "roberta", "distilbert", "deber
 
 
 def validate_composition(setup, level: int = 0, model_type: str | None = None) -> None:
-    """Raise ValueError when ``setup`` nests blocks AdapterHub does not allow or is nested too deep."""
+    """Raise ValueError (AdapterHub's messages) when ``setup`` nests blocks AdapterHub does not allow, is nested
+    too deep, or uses a block the model type does not support."""
     if level > 1 and not isinstance(setup, (Stack, str)):
-        raise ValueError(f"adapter setup is too deep: cannot have {setup} at level {level}")
+        raise ValueError(f"Adapter setup is too deep. Cannot have {setup} at level {level}.")
     if isinstance(setup, AdapterCompositionBlock):
         block_type = type(setup)
         if model_type and block_type in SUPPORTED_MODELS and model_type not in SUPPORTED_MODELS[block_type]:
-            raise ValueError(f"models of type {model_type} don't support adapter composition using "
-                             f"{block_type.__name__}")
+            raise ValueError(f"Models of type {model_type} don't support adapter composition using "
+                             f"{block_type.__name__}.")
         for child in setup:
             if type(child) not in ALLOWED_NESTINGS[block_type]:
-                raise ValueError(
-                    f"adapter setup is invalid: cannot nest {child} in {setup}; {block_type.__name__} may contain "
-                    f"{', '.join(t.__name__ for t in ALLOWED_NESTINGS[block_type])}"
-                )
+                raise ValueError(f"Adapter setup is invalid. Cannot nest {child} in {setup}")
             validate_composition(child, level=level + 1)
 
 
@@ -234,6 +232,6 @@ def parse_heads_from_composition(setup, reference_heads=None):
     if isinstance(final, BatchSplit):
         heads = [c.last() if isinstance(c, AdapterCompositionBlock) else c for c in final]
         if reference_heads is not None and not all(h in reference_heads for h in heads):
-            raise ValueError(f"missing at least one head for the BatchSplit setup; expected heads {heads}")
+            raise ValueError(f"Missing at least one head for the given BatchSplit setup. Expected heads: {heads}")
         return BatchSplit(*heads, batch_sizes=final.batch_sizes)
     return None

@@ -10,7 +10,8 @@ load in the other. ``AdapterConfig.load`` accepts:
 - the path of a JSON file (a bare config or an ``adapter_config.json`` with a ``"config"`` section).
 
 Unknown names, unknown keys and unknown architectures raise ``ValueError`` naming them. Which methods this version
-of deberta_fast can *run* is decided by the model (``supports_adapter``); every AdapterHub config parses here.
+of deberta_fast can *run* is decided by the model (``supports_adapter``: all but MTL-LoRA, DoRA, VeRA, invertible
+adapters and stochastic depth); every AdapterHub config parses here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "CompacterConfig",
     "CompacterPlusPlusConfig",
     "ConfigUnion",
+    "DiReftConfig",
     "DoRAConfig",
     "DoubleSeqBnConfig",
     "DoubleSeqBnInvConfig",
@@ -40,6 +42,7 @@ __all__ = [
     "LoRAConfig",
     "LoReftConfig",
     "MAMConfig",
+    "NoReftConfig",
     "ParBnConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
@@ -166,8 +169,8 @@ class BnConfig(AdapterConfig):
 
     reduction_factor: hidden_size // reduction_factor bottleneck units (a float, or a per-layer mapping
     ``{"0": 8, "default": 16}``). scaling: a float, ``"learned"`` (a trained scalar) or ``"channel"`` (a trained
-    [hidden] vector). ``phm_*`` (Compacter), ``inv_adapter`` (invertible adapters), ``cross_adapter`` and
-    ``stochastic_depth`` parse but are not run by this version of deberta_fast (``supports_adapter`` says so).
+    [hidden] vector). ``phm_*``: Compacter's PHM projections (phm.py). ``inv_adapter`` (invertible adapters),
+    ``cross_adapter`` and ``stochastic_depth`` parse but are not run by this version (``supports_adapter`` says so).
     """
 
     mh_adapter: bool
@@ -224,7 +227,7 @@ class SeqBnConfig(BnConfig):
 
 @dataclass(eq=False)
 class CompacterPlusPlusConfig(SeqBnConfig):
-    """Compacter++ (Mahabadi et al., 2021): seq_bn with PHM layers (not run by this version)."""
+    """Compacter++ (Mahabadi et al., 2021): seq_bn with PHM layers."""
 
     phm_layer: bool = True
     reduction_factor: float | Mapping = 32
@@ -257,7 +260,7 @@ class DoubleSeqBnConfig(BnConfig):
 
 @dataclass(eq=False)
 class CompacterConfig(DoubleSeqBnConfig):
-    """Compacter (Mahabadi et al., 2021): double_seq_bn with PHM layers (not run by this version)."""
+    """Compacter (Mahabadi et al., 2021): double_seq_bn with PHM layers."""
 
     phm_layer: bool = True
     reduction_factor: float | Mapping = 32
@@ -398,13 +401,14 @@ class MTLLoRAConfig(LoRAConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Other methods: parsed (so their files and strings are understood), not run by this version.
+# Prefix tuning, prompt tuning, ReFT, unions
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
 class PrefixTuningConfig(AdapterConfig):
-    """Prefix tuning (Li & Liang, 2021)."""
+    """Prefix tuning (Li & Liang, 2021): ``prefix_length`` learned keys / values per layer, produced by an MLP of
+    width ``bottleneck_size`` (or stored directly with ``flat``); ``use_gating`` scales them by a learned gate."""
 
     architecture: str | None = "prefix_tuning"
     encoder_prefix: bool = True
@@ -422,7 +426,7 @@ class PrefixTuningConfig(AdapterConfig):
 
 @dataclass(eq=False)
 class PromptTuningConfig(AdapterConfig):
-    """Prompt tuning (Lester et al., 2021)."""
+    """Prompt tuning (Lester et al., 2021): ``prompt_length`` learned embeddings inserted after the embeddings."""
 
     architecture: str | None = "prompt_tuning"
     prompt_length: int = 10
@@ -434,7 +438,12 @@ class PromptTuningConfig(AdapterConfig):
 
 @dataclass(eq=False)
 class ReftConfig(AdapterConfig):
-    """Representation fine-tuning (Wu et al., 2024)."""
+    """Representation fine-tuning (Wu et al., 2024): interventions on the outputs of the chosen layers at the first
+    ``prefix_positions`` / last ``suffix_positions`` tokens. ``subtract_projection=False`` is DiReFT.
+
+    ``subtract_projection`` is written to JSON only when False: AdapterHub's ReftConfig has no such field (it loses
+    DiReFT's setting on save); it reads the extra key back as an attribute, so files stay loadable there.
+    """
 
     layers: Any = "all"
     prefix_positions: int = 3
@@ -448,11 +457,18 @@ class ReftConfig(AdapterConfig):
     architecture: str | None = "reft"
     output_reft: bool = True
     init_weights_seed: int | None = None
+    subtract_projection: bool = True
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if data.get("subtract_projection") is True:
+            del data["subtract_projection"]
+        return data
 
 
 @dataclass(eq=False)
 class LoReftConfig(ReftConfig):
-    """LoReFT."""
+    """LoReFT: orthogonal projection."""
 
 
 @dataclass(eq=False)
@@ -467,6 +483,7 @@ class DiReftConfig(ReftConfig):
     """ReFT without orthogonality and projection subtraction."""
 
     orthogonality: bool = False
+    subtract_projection: bool = False
 
 
 class ConfigUnion(AdapterConfig):
@@ -684,6 +701,7 @@ _HASH_DROPPED_DEFAULTS = {
     "phm_bias": True,
     "init_weights": "bert",
     "scaling": 1.0,
+    "subtract_projection": True,
 }
 
 
@@ -701,5 +719,9 @@ def adapter_config_hash(config: Mapping, length: int = 16, ignore_params=()) -> 
     for name, default in _HASH_DROPPED_DEFAULTS.items():
         if name in minimized and minimized[name] == default:
             del minimized[name]
+    for key, value in config.items():
+        # DiReFT: keep the flag (AdapterHub hashes DiReFT like NoReFT, so one config could replace the other)
+        if key.rsplit(".", 1)[-1] == "subtract_projection" and value is False and key not in ignore_params:
+            minimized[key] = False
     digest = hashlib.sha1(json.dumps(minimized, sort_keys=True).encode("utf-8")).hexdigest()
     return digest[:length]

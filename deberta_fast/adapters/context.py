@@ -68,6 +68,15 @@ class ForwardContext:
 
     registry: the model's AdapterRegistry (identifies which model the context belongs to).
     adapter_setup: the setup of this pass (None: no adapters). skip_layers: layer indices that run no adapters.
+    adapters_parallelized: the batch already holds one copy per Parallel channel (the base model replicates the
+    inputs once, before the embeddings); original_batch_size is then the batch of one channel.
+    prefix_states: {adapter name: per-layer (key, value) prefixes}, computed once per pass by the prefix pool.
+    prompt_tokens_length: number of prompt positions prepended to the sequence (prompt tuning), else None;
+    attention_pair_mask: the [B, 1, L, L] mask the attention layers use instead of the token mask (prompt tuning
+    with padding).
+    token_offsets / token_lengths: [B] first valid position and number of valid tokens (ReFT positions).
+    adapter_gating_scores[adapter][layer][location] and adapter_fusion_attentions[fusion][layer][location]:
+    numpy arrays collected when the matching ``output_*`` flag is set.
     """
 
     registry: Any
@@ -79,6 +88,11 @@ class ForwardContext:
     task_ids: Any = None
     adapters_parallelized: bool = False
     original_batch_size: int | None = None
+    prefix_states: dict = field(default_factory=dict)
+    prompt_tokens_length: int | None = None
+    attention_pair_mask: Any = None
+    token_offsets: Any = None
+    token_lengths: Any = None
     adapter_gating_scores: dict = field(default_factory=lambda: defaultdict(dict))
     adapter_fusion_attentions: dict = field(default_factory=lambda: defaultdict(dict))
 
@@ -94,6 +108,12 @@ class ForwardContext:
     def get_context(cls) -> ForwardContext | None:
         stack = _forwards.get()
         return stack[-1] if stack else None
+
+    @classmethod
+    def for_registry(cls, registry) -> ForwardContext | None:
+        """The innermost context of the model that owns ``registry`` (None outside its forward)."""
+        context = cls.get_context()
+        return context if context is not None and context.registry is registry else None
 
 
 def active_setup_for(registry, layer_idx: int, names) -> AdapterCompositionBlock | None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import logging
 
+import torch
 import torch.nn as nn
 from transformers.utils import ModelOutput
 
-from .composition import AdapterCompositionBlock, parse_heads_from_composition
+from .composition import AdapterCompositionBlock, BatchSplit, Parallel, parse_heads_from_composition
 from .configuration import adapter_config_hash
-from .context import AdapterSetup
+from .context import AdapterSetup, ForwardContext
 from .heads import (
     HEAD_TYPES,
     UNSUPPORTED_HEAD_TYPES,
@@ -298,31 +299,71 @@ class FlexibleHeadsMixin:
 
     # ---- forward ----------------------------------------------------------------------------------------------
 
-    def _used_heads(self, head_name=None) -> list:
+    def _head_setup(self, head_name=None):
+        """The heads of this forward: a list of names, or a BatchSplit / Parallel block of names."""
         if head_name:
-            names = [head_name] if isinstance(head_name, str) else list(head_name)
+            setup = [head_name] if isinstance(head_name, str) else head_name
         elif len(self.heads) > 0 and AdapterSetup.get_context_head_setup():
-            context_heads = AdapterSetup.get_context_head_setup()
-            names = [context_heads] if isinstance(context_heads, str) else context_heads
+            setup = AdapterSetup.get_context_head_setup()
+            setup = [setup] if isinstance(setup, str) else setup
         elif self._active_heads:
-            names = self._active_heads
+            setup = self._active_heads
         else:
             return []
-        if isinstance(names, AdapterCompositionBlock):
-            raise NotImplementedError(f"head setup {names} ({type(names).__name__}) is not implemented in this "
-                                      "version of deberta_fast")
+        names = setup.flatten() if isinstance(setup, AdapterCompositionBlock) else setup
         for name in names:
             if name not in self.heads:
                 raise ValueError(f"Unknown head_name '{name}'. Heads: {list(self.heads)}")
-        return [self.heads[name] for name in names]
+        if isinstance(setup, AdapterCompositionBlock) and not isinstance(setup, (BatchSplit, Parallel)):
+            raise ValueError(f"a head setup is a name, a list of names, a BatchSplit or a Parallel block; got {setup}")
+        return setup if isinstance(setup, AdapterCompositionBlock) else list(setup)
 
     def forward_head(self, all_outputs, head_name=None, cls_output=None, attention_mask=None, return_dict=False,
                      context=None, **kwargs):
-        """Run the head(s) (``head_name``, else the AdapterSetup context's, else the active ones) on base outputs."""
-        heads = self._used_heads(head_name)
-        if not heads:
+        """Run the head(s) (``head_name``, else the AdapterSetup context's, else the active ones) on base outputs.
+
+        A BatchSplit of heads gives each head its rows; under a Parallel adapter setup (the batch holds one copy per
+        channel) head i reads channel i (one head per channel is required); several heads otherwise all read the
+        whole output. Several heads return a MultiHeadOutput (loss: the sum, when every head has one)."""
+        setup = self._head_setup(head_name)
+        if not setup:
             return all_outputs
         kwargs.pop("pooled_output", None)
+        context = context if context is not None else ForwardContext.for_registry(self.adapters_config)
+        if context is not None and context.prompt_tokens_length:
+            kwargs["prompt_tokens_length"] = context.prompt_tokens_length
+        channels = 1
+        if context is not None and context.adapter_setup is not None and context.adapters_parallelized:
+            channels = context.adapter_setup.parallel_channels
+        rows = _batch_of(all_outputs)
+        if isinstance(setup, BatchSplit):
+            if sum(setup.batch_sizes) != rows:
+                raise ValueError(f"The specified batch sizes {setup.batch_sizes} do not match the actual batch size "
+                                 f"{rows}")
+            outputs, start = [], 0
+            for name, size in zip(setup, setup.batch_sizes):
+                part = slice(start, start + size)
+                head_kwargs = {k: (v[part] if k in ("labels", "eos_mask", "start_positions", "end_positions")
+                                   and torch.is_tensor(v) else v) for k, v in kwargs.items()}
+                mask = attention_mask[part] if attention_mask is not None else None
+                outputs.append(self.heads[name](_slice_outputs(all_outputs, part),
+                                                cls_output[part] if cls_output is not None else None, mask,
+                                                return_dict, **head_kwargs))
+                start += size
+            return _multi_head_output(outputs)
+        if channels > 1 or isinstance(setup, Parallel):
+            names = list(setup)
+            if len(names) != channels:
+                raise ValueError("The number of parallel adapters and the number of active heads must match.")
+            size = rows // channels
+            outputs = []
+            for i, name in enumerate(names):
+                part = slice(i * size, (i + 1) * size)
+                outputs.append(self.heads[name](_slice_outputs(all_outputs, part),
+                                                cls_output[part] if cls_output is not None else None,
+                                                attention_mask, return_dict, **kwargs))
+            return _multi_head_output(outputs)
+        heads = [self.heads[name] for name in setup]
         if len(heads) > 1:
             return MultiHeadOutput(head_outputs=[
                 head(all_outputs, cls_output, attention_mask, return_dict, **kwargs) for head in heads])
@@ -333,3 +374,27 @@ class FlexibleHeadsMixin:
                     result[key] = all_outputs[key]
         return result
 
+
+def _batch_of(outputs) -> int:
+    first = outputs[0] if isinstance(outputs, (tuple, list)) else next(iter(outputs.values()))
+    return first.shape[0]
+
+
+def _slice_outputs(outputs, rows: slice):
+    """The base-model outputs of batch rows ``rows`` (tensors and tuples of tensors are sliced)."""
+    def cut(value):
+        if torch.is_tensor(value):
+            return value[rows]
+        if isinstance(value, tuple) and all(torch.is_tensor(v) for v in value):
+            return tuple(v[rows] for v in value)
+        return value
+
+    if isinstance(outputs, ModelOutput):
+        return type(outputs)(**{k: cut(v) for k, v in outputs.items()})
+    return tuple(cut(v) for v in outputs)
+
+
+def _multi_head_output(outputs: list):
+    losses = [out.get("loss") if isinstance(out, (dict, ModelOutput)) else None for out in outputs]
+    loss = torch.stack(losses).sum() if losses and all(x is not None for x in losses) else None
+    return MultiHeadOutput(head_outputs=outputs, loss=loss)

@@ -230,6 +230,8 @@ class TaggingHead(PredictionHead):
         loss = None
         if labels is not None:
             loss_fct = CrossEntropyLoss()
+            labels, attention_mask = _pad_for_prompt(labels, attention_mask, kwargs.get("prompt_tokens_length"),
+                                                     loss_fct.ignore_index)
             flat_logits = logits.view(-1, self.config["num_labels"])
             if attention_mask is not None and attention_mask.dim() == 2:
                 active = attention_mask.reshape(-1) == 1
@@ -335,11 +337,24 @@ class MaskedLMHead(PredictionHead):
         labels = kwargs.get("labels")
         loss = None
         if labels is not None:
+            labels, _ = _pad_for_prompt(labels, None, kwargs.get("prompt_tokens_length"), -100)
             loss = CrossEntropyLoss()(logits.reshape(-1, self.config["vocab_size"]), labels.reshape(-1))
         if return_dict:
             return MaskedLMOutput(loss=loss, logits=logits, hidden_states=_get(outputs, "hidden_states"),
                                   attentions=_get(outputs, "attentions"))
         return _outputs_tuple((logits,), outputs, loss)
+
+
+def _pad_for_prompt(labels, attention_mask, prompt_length, ignore_index: int):
+    """With prompt tuning the sequence has ``prompt_length`` extra positions in front: their labels are ignored
+    (and their attention-mask entries set to 1), as in AdapterHub."""
+    if not prompt_length:
+        return labels, attention_mask
+    pad = torch.full((labels.shape[0], prompt_length), ignore_index, dtype=labels.dtype, device=labels.device)
+    labels = torch.cat([pad, labels], dim=-1)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        attention_mask = torch.cat([torch.ones_like(pad, dtype=attention_mask.dtype), attention_mask], dim=-1)
+    return labels, attention_mask
 
 
 def _get(outputs, key):

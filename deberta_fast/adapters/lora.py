@@ -14,10 +14,14 @@ Math for x [..., in], W [out, in], b [out]:
 - Average: y = x Wᵀ + b + mean_i(w_i · update_i) (AdapterHub's rule: the mean of the weighted updates).
 
 A single active adapter runs through ``deberta_fast.ops.lora_linear`` / ``ops.ia3_linear`` (the fused kernels plug
-in there); gating, stacking and averaging run in eager PyTorch here.
+in there); gating, stacking, averaging and the row-splitting blocks (Parallel, BatchSplit, MultiTask) run in eager
+PyTorch here. After Parallel / BatchSplit each row group is finished by its own adapter (LoRA adds, (IA)³ scales,
+rows without an adapter keep x Wᵀ + b), so every channel equals its single-adapter run.
 
 Because DeBERTa's attention (share_att_key=True) projects the relative embeddings with query_proj / key_proj, LoRA
-and (IA)³ on q and k also reach the position terms, as in AdapterHub and transformers + PEFT.
+and (IA)³ on q and k also reach the position terms, as in AdapterHub and transformers + PEFT. ``forward(rel,
+positions_batch=B)`` does that projection; when the active setup gives different batch rows different adapters, it
+returns one table per row ([B, 2S, out]) instead of one shared table (AdapterHub crashes there).
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ import torch.nn.functional as F
 
 from ..ops.ia3 import ia3_linear
 from ..ops.lora import lora_linear
-from .composition import Average, Stack
+from .composition import AdapterCompositionBlock, Average, BatchSplit, MultiTask, Parallel, Stack
 from .configuration import LoRAConfig, MTLLoRAConfig
 from .initialization import seeded_generator
-from .layer_base import AdapterLayerBase
+from .layer_base import AdapterLayerBase, concat_row_labels, row_groups, slice_row_labels
 
 __all__ = ["IA3", "LoRA", "LoRALinear"]
 
@@ -91,8 +95,9 @@ class LoRA(nn.Module):
     def dropout_active(self) -> float:
         return self.dropout_p if self.training else 0.0
 
-    def update(self, hidden: torch.Tensor | None, layer_input: torch.Tensor) -> torch.Tensor:
-        """The additive update; ``hidden`` is the previous adapter's update in a Stack (None for the first)."""
+    def update(self, hidden: torch.Tensor | None, layer_input: torch.Tensor) -> tuple:
+        """(additive update, gate [B, 1, 1] or None); ``hidden`` is the previous adapter's update in a Stack (None
+        for the first)."""
         source = layer_input if hidden is None else hidden
         if source.shape[-1] != self.lora_A.shape[1]:
             raise ValueError(
@@ -102,7 +107,10 @@ class LoRA(nn.Module):
         if self.dropout_active > 0:
             source = F.dropout(source, p=self.dropout_active, training=True)
         out = source @ self.lora_A.t() @ self.lora_B.t()
-        return out * _gate_factor(self.gate, layer_input) if self.use_gating else out * self.scaling
+        if self.use_gating:
+            gate = _gate_factor(self.gate, layer_input)
+            return out * gate, gate
+        return out * self.scaling, None
 
     @staticmethod
     def combine(layer_output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -150,11 +158,16 @@ class IA3(nn.Module):
         """alpha · l, shape [out]."""
         return self.lora_B.view(-1) * self.scaling
 
-    def update(self, hidden: torch.Tensor | None, layer_input: torch.Tensor) -> torch.Tensor:
-        """The multiplicative factor; in a Stack it multiplies the previous adapter's factor/update."""
-        vector = self.lora_B.view(1, 1, -1)
+    def update(self, hidden: torch.Tensor | None, layer_input: torch.Tensor) -> tuple:
+        """(multiplicative factor, gate or None); in a Stack it multiplies the previous adapter's factor/update."""
+        # one factor per batch row ([B, 1, ..., out]) so that row-splitting blocks can slice it
+        shape = (layer_input.shape[0], *([1] * (layer_input.dim() - 2)), self.lora_B.shape[0])
+        vector = self.lora_B.view(-1).expand(shape)
         out = vector if hidden is None else hidden * vector
-        return out * _gate_factor(self.gate, layer_input) if self.use_gating else out * self.scaling
+        if self.use_gating:
+            gate = _gate_factor(self.gate, layer_input)
+            return out * gate, gate
+        return out * self.scaling, None
 
     @staticmethod
     def combine(layer_output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -167,10 +180,15 @@ class IA3(nn.Module):
 
 
 class _LoRAState(NamedTuple):
+    """layer_input [B, ..., in], layer_output [B, ..., out] (x Wᵀ + b), hidden: the running update (None before
+    the first adapter), last: the adapter that finishes the rows (None, a name, or one entry per row), record:
+    whether gates are reported (not for the position tables)."""
+
     layer_input: torch.Tensor
     hidden: torch.Tensor | None
     layer_output: torch.Tensor
-    last: str | None
+    last: str | tuple | None
+    record: bool = True
 
 
 class LoRALinear(AdapterLayerBase, nn.Linear):
@@ -178,7 +196,7 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
     Parameters it shares; ``location`` is "selfattn", "intermediate" or "output"; ``attn_key`` "q", "k" or "v"."""
 
     adapter_modules_name = "loras"
-    supported_compositions = (Stack, Average)
+    supported_compositions = (Stack, BatchSplit, Average, Parallel, MultiTask)
 
     def __init__(self, base: nn.Linear, registry, layer_idx: int, location: str, attn_key: str | None = None):
         nn.Module.__init__(self)
@@ -279,15 +297,22 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
 
     # ---- forward ----------------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out] (module docstring)."""
+    def forward(self, x: torch.Tensor, positions_batch: int | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out] (module docstring). ``positions_batch``: x is the relative-embedding table
+        [1, 2S, in] of a batch of that many rows (share_att_key); the result is [1, 2S, out], or [B, 2S, out] when
+        the active setup gives rows different adapters here; gates are not reported for it."""
         if self.merged is None:
             setup = self.active_setup()
             if setup is not None:
+                if positions_batch is not None and _splits_rows(setup):
+                    base = F.linear(x, self.weight, self.bias)
+                    shape = (positions_batch, *x.shape[1:])
+                    return self._forward_composed(x.expand(shape), setup, base.expand(*shape[:-1], base.shape[-1]),
+                                                  record=False)
                 single = self._single_adapter(setup)
                 if single is not None:
                     return self._forward_single(x, single)
-                return self._forward_composed(x, setup)
+                return self._forward_composed(x, setup, record=positions_batch is None)
         return F.linear(x, self.weight, self.bias)
 
     def _single_adapter(self, setup):
@@ -305,16 +330,49 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
         return lora_linear(x, self.weight, self.bias, module.lora_A, module.lora_B, module.scaling,
                            module.dropout_active)
 
-    def _forward_composed(self, x: torch.Tensor, setup) -> torch.Tensor:
-        layer_output = F.linear(x, self.weight, self.bias)
-        state = self.compose(setup, _LoRAState(x, None, layer_output, None))
-        if state.last is None:
+    def _forward_composed(self, x: torch.Tensor, setup, layer_output: torch.Tensor | None = None,
+                          record: bool = True) -> torch.Tensor:
+        if layer_output is None:
+            layer_output = F.linear(x, self.weight, self.bias)
+        state = self.compose(setup, _LoRAState(x, None, layer_output, None, record))
+        last = state.last
+        if last is None:
             return layer_output
-        return self.loras[state.last].combine(layer_output, state.hidden)
+        if isinstance(last, str):
+            return self.loras[last].combine(layer_output, state.hidden)
+        outputs = []
+        for name, rows in row_groups(last):
+            rows_output = layer_output[rows]
+            outputs.append(rows_output if name is None else self.loras[name].combine(rows_output, state.hidden[rows]))
+        return torch.cat(outputs, dim=0)
 
     def compose_single(self, name: str, state: _LoRAState, level: int = 0) -> _LoRAState:
-        update = self.loras[name].update(state.hidden, state.layer_input)
+        update, gate = self.loras[name].update(state.hidden, state.layer_input)
+        if gate is not None and state.record:
+            self.store_gating_score(name, gate)
         return state._replace(hidden=update, last=name)
+
+    def vslice(self, state: _LoRAState, index) -> _LoRAState:
+        return _LoRAState(state.layer_input[index], state.hidden[index] if state.hidden is not None else None,
+                          state.layer_output[index], slice_row_labels(state.last, index), state.record)
+
+    def pad_and_concat(self, states: list) -> _LoRAState:
+        hidden = None
+        if any(s.hidden is not None for s in states):
+            reference = next(s.hidden for s in states if s.hidden is not None)
+            # rows without an adapter here are finished by the base output; their placeholder update is unused
+            hidden = torch.cat([s.hidden if s.hidden is not None else
+                                reference.new_zeros(s.layer_output.shape[0], *reference.shape[1:]) for s in states])
+        last = concat_row_labels([(s.last, s.layer_output.shape[0]) for s in states])
+        return _LoRAState(torch.cat([s.layer_input for s in states]), hidden,
+                          torch.cat([s.layer_output for s in states]), last, states[0].record)
+
+    def repeat(self, state: _LoRAState, channels: int) -> _LoRAState:
+        def rep(x):
+            return x.repeat(channels, *([1] * (x.dim() - 1))) if x is not None else None
+
+        last = state.last * channels if isinstance(state.last, tuple) else state.last
+        return _LoRAState(rep(state.layer_input), rep(state.hidden), rep(state.layer_output), last, state.record)
 
     def mean(self, states: list, weights: list) -> _LoRAState:
         if states[0].hidden is None:
@@ -323,3 +381,10 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
         stacked = torch.stack([s.hidden for s in states], dim=0)
         hidden = (stacked * w.view(-1, *([1] * (stacked.dim() - 1)))).mean(dim=0)
         return states[0]._replace(hidden=hidden, last=states[-1].last)
+
+
+def _splits_rows(setup) -> bool:
+    """Whether ``setup`` gives different batch rows different adapters (Parallel, BatchSplit, MultiTask)."""
+    if isinstance(setup, (Parallel, BatchSplit, MultiTask)):
+        return True
+    return isinstance(setup, AdapterCompositionBlock) and any(_splits_rows(c) for c in setup.children)

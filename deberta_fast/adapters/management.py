@@ -14,9 +14,21 @@ from collections.abc import Iterable, Mapping
 import torch.nn as nn
 
 from .composition import Stack, parse_composition
-from .configuration import AdapterConfig, BnConfig, ConfigUnion, LoRAConfig, MTLLoRAConfig, adapter_config_hash
+from .configuration import (
+    AdapterConfig,
+    BnConfig,
+    ConfigUnion,
+    LoRAConfig,
+    MTLLoRAConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    ReftConfig,
+    adapter_config_hash,
+)
+from .bottleneck import bottleneck_size
 from .layer_base import AdapterLayerBase
 from .lora import LoRALinear
+from .phm import shared_phm_parameters
 from .summary import format_summary
 
 logger = logging.getLogger("deberta_fast")
@@ -24,7 +36,7 @@ logger = logging.getLogger("deberta_fast")
 __all__ = ["AdapterManagementMixin", "unsupported_reasons"]
 
 # Method types supports_adapter() answers for (AdapterHub's AdapterMethod names).
-_RUNNABLE_TYPES = {"bottleneck", "lora"}
+_RUNNABLE_TYPES = {"bottleneck", "lora", "prefix_tuning", "prompt_tuning", "reft"}
 _KNOWN_TYPES = {"bottleneck", "lora", "prefix_tuning", "prompt_tuning", "reft", "invertible", "mtl_lora"}
 
 
@@ -46,15 +58,13 @@ def unsupported_reasons(config: AdapterConfig) -> list[str]:
             if unknown:
                 reasons.append(f"attn_matrices {unknown} are not DeBERTa projections (expected a subset of q, k, v)")
         elif isinstance(member, BnConfig):
-            if member.phm_layer:
-                reasons.append("PHM layers (Compacter) are not implemented")
             if member.inv_adapter:
                 reasons.append("invertible adapters (inv_adapter) are not implemented")
             if member.cross_adapter:
                 reasons.append("cross-attention adapters do not exist in DeBERTa")
             if member.stochastic_depth:
                 reasons.append("stochastic_depth is not implemented")
-        else:
+        elif not isinstance(member, (PrefixTuningConfig, PromptTuningConfig, ReftConfig)):
             reasons.append(f"{type(member).__name__} ({member.architecture}) is not implemented")
     return reasons
 
@@ -77,8 +87,7 @@ class AdapterManagementMixin:
                     fn(i, module)
 
     def apply_to_basemodel_childs(self, fn) -> None:
-        """fn(-1, child) for adapter modules attached directly to the base model (none for the methods of this
-        version; AdapterHub keeps prompt tuning there)."""
+        """fn(-1, child) for adapter modules attached directly to the base model (prompt tuning)."""
         for child in self.deberta.children():
             if isinstance(child, AdapterLayerBase):
                 fn(-1, child)
@@ -123,10 +132,27 @@ class AdapterManagementMixin:
 
     def _add_adapter_weights(self, adapter_name: str) -> None:
         added = []
-        self.apply_to_adapter_layers(lambda i, layer: added.append(layer.add_adapter(adapter_name, i)))
+        try:
+            self.apply_to_adapter_layers(lambda i, layer: added.append(layer.add_adapter(adapter_name, i)))
+            self.apply_to_basemodel_childs(lambda i, child: added.append(child.add_adapter(adapter_name, i)))
+            self._add_shared_parameters(adapter_name)
+            reference = self.get_input_embeddings().weight
+            self.deberta.prefix_tuning.confirm_prefix(adapter_name, device=reference.device, dtype=reference.dtype)
+        finally:
+            self.deberta.prefix_tuning.discard_counts(adapter_name)
         if not any(added):
             raise ValueError(f"adapter {adapter_name!r}: its config places no module in any layer (check leave_out, "
                              "attn_matrices and the location flags)")
+
+    def _add_shared_parameters(self, adapter_name: str) -> None:
+        """Compacter: the PHM rule / weights shared by all layers of the adapter (``shared_parameters.<name>``)."""
+        config = self.adapters_config.match(adapter_name, BnConfig, location_key="phm_layer")
+        if config is None or not (config["shared_phm_rule"] or config["shared_W_phm"]):
+            return
+        reference = self.get_input_embeddings().weight
+        down = bottleneck_size(self.config.hidden_size, config["reduction_factor"], 0)
+        self.deberta.shared_parameters[adapter_name] = shared_phm_parameters(
+            config, self.config.hidden_size, down, device=reference.device, dtype=reference.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove adapter ``adapter_name`` (a merged LoRA is unmerged first); unknown names are skipped."""
@@ -134,13 +160,23 @@ class AdapterManagementMixin:
             logger.info("No adapter '%s' found for deletion. Skipping.", adapter_name)
             return
         self.apply_to_adapter_layers(lambda i, layer: layer.delete_adapter(adapter_name))
+        self.apply_to_basemodel_childs(lambda i, child: child.delete_adapter(adapter_name))
+        self.deberta.prefix_tuning.delete_prefix(adapter_name)
+        if adapter_name in self.deberta.shared_parameters:
+            del self.deberta.shared_parameters[adapter_name]
         self.adapters_config.remove(adapter_name)
         if self.active_adapters == Stack(adapter_name):
             self.adapters_config.active_setup = None
 
     def get_adapter(self, name: str) -> dict:
-        """{layer index: {location key: module, or a ModuleList when several modules share the location}}."""
+        """{layer index: {location key: module, or a ModuleList when several modules share the location}}; index
+        -1 holds the model-level parts ("shared": Compacter's shared PHM tensors, "prompt": a prompt)."""
         destination = defaultdict(dict)
+        if name in self.deberta.shared_parameters:
+            destination[-1]["shared"] = self.deberta.shared_parameters[name]
+        prompt = self.deberta.prompt_tuning.get_adapter(name)
+        if prompt is not None:
+            destination[-1]["prompt"] = prompt
         for i, layer in self.iter_layers():
             for module in layer.modules():
                 if isinstance(module, AdapterLayerBase) and module.get_adapter(name) is not None:
@@ -217,7 +253,15 @@ class AdapterManagementMixin:
         self.train()
         self.freeze_model(True)
         self.apply_to_adapter_layers(lambda i, layer: layer.enable_adapters(setup, True, False))
+        self.apply_to_basemodel_childs(lambda i, child: child.enable_adapters(setup, True, False))
+        for name in setup.flatten():
+            if name in self.deberta.shared_parameters:
+                for param in self.deberta.shared_parameters[name].values():
+                    param.requires_grad = True
         self.set_active_adapters(setup)
+        self._train_heads_and_embeddings(train_embeddings)
+
+    def _train_heads_and_embeddings(self, train_embeddings: bool) -> None:
         active_heads = set(self._active_head_names())
         for name, head in self.heads.items():
             for param in head.parameters():
@@ -309,14 +353,53 @@ class AdapterManagementMixin:
             self.delete_adapter(adapter_name)
         self.adapters_config.add(adapter_name, config)
         input_adapters = dict(zip(adapter_list, weights))
+        reference = self.get_input_embeddings().weight
         try:
             self.apply_to_adapter_layers(
                 lambda i, layer: layer.average_adapter(adapter_name, input_adapters, combine_strategy))
+            self.apply_to_basemodel_childs(
+                lambda i, child: child.average_adapter(adapter_name, input_adapters, combine_strategy))
+            if self.adapters_config.match(adapter_name, BnConfig, location_key="phm_layer") is not None:
+                self._average_shared_parameters(adapter_name, input_adapters, combine_strategy)
+            self.deberta.prefix_tuning.average_prefix(adapter_name, input_adapters, combine_strategy,
+                                                      device=reference.device, dtype=reference.dtype)
         except Exception:
+            self.deberta.prefix_tuning.discard_counts(adapter_name)
             self.delete_adapter(adapter_name)
             raise
         if set_active:
             self.set_active_adapters(adapter_name)
+
+    def _average_shared_parameters(self, adapter_name: str, input_adapters: dict, combine_strategy: str) -> None:
+        if combine_strategy != "linear":
+            raise ValueError(f"Combine strategy {combine_strategy} not supported for shared parameters. Only "
+                             "'linear' is supported.")
+        shared = self.deberta.shared_parameters
+        total = {}
+        for name, weight in input_adapters.items():
+            if name not in shared:
+                raise ValueError(f"Adapter {name} not found in shared parameters.")
+            for key, value in shared[name].items():
+                total[key] = total[key] + weight * value if key in total else weight * value
+        shared[adapter_name] = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in total.items()})
+
+    def eject_prefix_tuning(self, name: str) -> None:
+        """Turn prefix tuning ``name`` from its MLP form into the flat form (the prefixes as one parameter; same
+        output) and record flat=True in its config, so it saves and reloads as the flat form."""
+        self._require_adapter(name)
+        group = self.deberta.prefix_tuning.get_prefix(name)
+        if group is None:
+            raise ValueError(f"eject_prefix_tuning: adapter '{name}' has no prefix tuning")
+        config = self.adapters_config.get(name)
+        member = self.adapters_config.match(name, PrefixTuningConfig)
+        group.eject(member)
+        if not member.flat:
+            flat = member.replace(flat=True)
+            if isinstance(config, ConfigUnion):
+                new_config = ConfigUnion(*[flat if c is member else c for c in config.configs])
+            else:
+                new_config = flat
+            self.adapters_config.replace_config(name, new_config)
 
     # ---- introspection ----------------------------------------------------------------------------------------
 

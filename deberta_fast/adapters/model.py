@@ -6,9 +6,10 @@
     model.train_adapter("sst")                                 # only "sst" (and its head) train
     model.save_adapter("out/sst", "sst")                       # loads in AdapterHub too
 
-Module tree: ``deberta`` (deberta_fast.models.DebertaV2Model, adapter-holding modules injected in place, see
-injection.py) and ``heads`` (nn.ModuleDict). Base state-dict keys are transformers' ``DebertaV2Model`` keys with the
-``deberta.`` prefix; adapter and head keys are AdapterHub's.
+Module tree: ``deberta`` (deberta_fast.models.DebertaV2Model, switched in place to DebertaV2ModelWithAdapters with
+adapter-holding modules injected, see injection.py and base_model.py) and ``heads`` (nn.ModuleDict). Base
+state-dict keys are transformers' ``DebertaV2Model`` keys with the ``deberta.`` prefix; adapter, fusion and head
+keys are AdapterHub's.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 from ..models import DebertaV2Model
 from ..ops.dispatch import log_once
 from .adapter_io import AdapterIOMixin
-from .composition import AdapterCompositionBlock, Average, Stack
 from .context import AdapterSetup, ForwardContext
+from .fusion_management import FusionManagementMixin
 from .head_management import HEAD_KWARGS, FlexibleHeadsMixin
+from .hub import HubMixin
 from .injection import inject_adapter_layers
 from .management import AdapterManagementMixin, unsupported_reasons
 from .registry import AdapterRegistry
@@ -35,16 +37,18 @@ logger = logging.getLogger("deberta_fast")
 
 __all__ = ["DebertaV2AdapterModel"]
 
-# Blocks the forward pass of this version runs (issue 5 adds Fuse, Split, BatchSplit, Parallel, MultiTask).
-_RUNNABLE_BLOCKS = (Stack, Average)
 # Keyword arguments of from_pretrained that locate files; used to read the config before loading.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
-class DebertaV2AdapterModel(AdapterIOMixin, FlexibleHeadsMixin, AdapterManagementMixin, hf.DebertaV2PreTrainedModel):
-    """DeBERTa-v2/v3 with adapters (LoRA, (IA)³, bottleneck) and flexible heads, AdapterHub's API (module
-    docstring). ``forward(..., head=None, **head_kwargs)`` returns the head's output (SequenceClassifierOutput, ...)
-    when a head is used, else the base model's BaseModelOutput."""
+class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, FusionManagementMixin, AdapterManagementMixin,
+                            hf.DebertaV2PreTrainedModel):
+    """DeBERTa-v2/v3 with adapters (bottleneck, Compacter, LoRA, (IA)³, prefix and prompt tuning, ReFT, unions),
+    AdapterFusion, composition blocks and flexible heads, AdapterHub's API (module docstring).
+    ``forward(..., head=None, **head_kwargs)`` returns the head's output (SequenceClassifierOutput, ...,
+    MultiHeadOutput for several heads) when a head is used, else the base model's BaseModelOutput; with
+    ``output_adapter_gating_scores`` / ``output_adapter_fusion_attentions`` the output also carries
+    ``adapter_gating_scores`` / ``adapter_fusion_attentions`` ({name: {layer: {location: numpy array}}})."""
 
     _keys_to_ignore_on_load_unexpected = [r"position_embeddings", r"prompt_tuning\.base_model_embeddings"]
 
@@ -53,6 +57,7 @@ class DebertaV2AdapterModel(AdapterIOMixin, FlexibleHeadsMixin, AdapterManagemen
         self.deberta = DebertaV2Model(config)
         self._init_head_state()
         self.adapters_config = AdapterRegistry.from_dict(getattr(config, "adapters", None))
+        self.adapters_config.model_config = config
         self.model_frozen = False
         self.post_init()
         # Injected after post_init so that transformers' weight initialisation never touches the wrappers.
@@ -62,6 +67,8 @@ class DebertaV2AdapterModel(AdapterIOMixin, FlexibleHeadsMixin, AdapterManagemen
             if reasons:
                 raise ValueError(f"config.adapters: adapter {name!r} cannot be built: " + "; ".join(reasons))
             self._add_adapter_weights(name)
+        for fusion_name in self.adapters_config.fusions:
+            self.apply_to_adapter_layers(lambda i, layer, fusion=fusion_name: layer.add_fusion_layer(fusion))
         heads = dict(getattr(config, "prediction_heads", None) or {})
         if _flex_head_from_static is not None:
             name, head_config = _flex_head_from_static
@@ -165,7 +172,6 @@ class DebertaV2AdapterModel(AdapterIOMixin, FlexibleHeadsMixin, AdapterManagemen
         if unknown:
             raise ValueError(f"the adapter setup {setup} names unknown adapters {unknown}; added adapters: "
                              f"{list(self.adapters_config)}")
-        _check_runnable(setup)
         return setup
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -176,7 +182,9 @@ class DebertaV2AdapterModel(AdapterIOMixin, FlexibleHeadsMixin, AdapterManagemen
         """Inputs as DebertaV2Model's ([B, L], or [B, C, L] for multiple choice, flattened to [B·C, L]); ``head``
         picks a head by name; head arguments (labels, start_positions, end_positions, get_cls_from_eos_tokens,
         eos_mask) go to the head. The label arguments are named in the signature so that transformers' Trainer
-        keeps them in its batches (it drops inputs the forward signature does not name)."""
+        keeps them in its batches (it drops inputs the forward signature does not name). ``task_ids`` route rows in
+        a MultiTask setup; ``adapter_input_parallelized`` says the inputs are already replicated per Parallel
+        channel."""
         # transformers' Trainer passes num_items_in_batch to models whose forward takes **kwargs; the heads
         # average their losses over the batch themselves, as transformers' own DebertaV2 heads do.
         kwargs.pop("num_items_in_batch", None)
@@ -187,9 +195,6 @@ class DebertaV2AdapterModel(AdapterIOMixin, FlexibleHeadsMixin, AdapterManagemen
         unknown = sorted(set(kwargs) - HEAD_KWARGS)
         if unknown:
             raise TypeError(f"forward() got unexpected keyword arguments {unknown}")
-        if output_adapter_gating_scores or output_adapter_fusion_attentions or task_ids is not None:
-            raise NotImplementedError("output_adapter_gating_scores, output_adapter_fusion_attentions and task_ids "
-                                      "are not implemented in this version of deberta_fast")
 
         def flat(tensor, trailing):
             return tensor.reshape(-1, *tensor.shape[-trailing:]) if tensor is not None else None
@@ -202,7 +207,10 @@ class DebertaV2AdapterModel(AdapterIOMixin, FlexibleHeadsMixin, AdapterManagemen
             registry=self.adapters_config,
             adapter_setup=self._forward_setup(),
             skip_layers=tuple(self.adapters_config.skip_layers or ()),
-            adapter_input_parallelized=adapter_input_parallelized,
+            output_adapter_gating_scores=bool(output_adapter_gating_scores),
+            output_adapter_fusion_attentions=bool(output_adapter_fusion_attentions),
+            adapter_input_parallelized=bool(adapter_input_parallelized),
+            task_ids=task_ids,
         )
         with context:
             outputs = self.deberta(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -210,19 +218,24 @@ class DebertaV2AdapterModel(AdapterIOMixin, FlexibleHeadsMixin, AdapterManagemen
                                    output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                                    return_dict=return_dict)
             if head or AdapterSetup.get_context_head_setup() or self._active_heads:
-                return self.forward_head(outputs, head_name=head, attention_mask=attention_mask,
-                                         return_dict=return_dict, **kwargs)
-        if kwargs:
-            raise ValueError(f"head arguments {sorted(kwargs)} were given but no prediction head is active; add one "
-                             "(add_classification_head, ...), activate it, or pass head=...")
-        return outputs
+                outputs = self.forward_head(outputs, head_name=head, attention_mask=attention_mask,
+                                            return_dict=return_dict, context=context, **kwargs)
+            elif kwargs:
+                raise ValueError(f"head arguments {sorted(kwargs)} were given but no prediction head is active; add "
+                                 "one (add_classification_head, ...), activate it, or pass head=...")
+        return _attach_context_outputs(outputs, context)
 
 
-def _check_runnable(setup) -> None:
-    if isinstance(setup, AdapterCompositionBlock):
-        if not isinstance(setup, _RUNNABLE_BLOCKS):
-            raise NotImplementedError(f"{type(setup).__name__} composition is not implemented in this version of "
-                                      "deberta_fast (Stack and Average are)")
-        for child in setup:
-            _check_runnable(child)
-
+def _attach_context_outputs(outputs, context):
+    """Append adapter_gating_scores / adapter_fusion_attentions (as AdapterHub: output keys, or tuple items)."""
+    extra = []
+    if context.output_adapter_gating_scores:
+        extra.append(("adapter_gating_scores", dict(context.adapter_gating_scores)))
+    if context.output_adapter_fusion_attentions:
+        extra.append(("adapter_fusion_attentions", dict(context.adapter_fusion_attentions)))
+    for key, value in extra:
+        if isinstance(outputs, tuple):
+            outputs = outputs + (value,)
+        else:
+            outputs[key] = value
+    return outputs

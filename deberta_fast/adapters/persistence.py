@@ -56,19 +56,22 @@ FORMAT_VERSION = "adapters.1.3.0"
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path in ``path``'s directory to write to; on success the file is synced and replaces
-    ``path`` (os.replace), on error it is removed and ``path`` is left untouched."""
+    ``path`` (os.replace), on error it is removed and ``path`` is left untouched. The temporary file has
+    ``path``'s base name (inside a temporary folder): torch.save records it in the archive, so the bytes written
+    do not depend on the temporary name (and match AdapterHub's files)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    tmp = os.path.join(staging, os.path.basename(path))
     try:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        with contextlib.suppress(OSError):
+            os.rmdir(staging)
 
 
 def write_json(path: str, data: dict) -> None:

@@ -39,7 +39,7 @@ def patch_deberta(model: nn.Module) -> nn.Module:
     found_attention = False
     for name, module in model.named_modules():
         cls = type(module)
-        if cls in fast_classes:
+        if issubclass(cls, tuple(fast_classes)):  # deberta_fast's classes and their subclasses (adapters)
             found_attention |= issubclass(cls, hf.DisentangledSelfAttention)
             continue
         if cls in table:
