@@ -12,6 +12,7 @@ plus a ``prefix_tuning`` submodule (prefix_tuning.py). Differences from the base
   (IA)³. When the active setup gives batch rows different adapters there (Parallel, BatchSplit, MultiTask), the
   tables are built per row, [B, heads, 2S, d], which the op accepts; otherwise one [1, heads, 2S, d] table.
 - Prompt tuning over a padded batch: the [B, 1, L, L] pair mask of prompt_tuning.py replaces the token mask.
+- q, k and v with plain LoRAs run as one ``lora_qkv`` op (one launch on CUDA) instead of three projections.
 - q, k and v of different batch sizes (a Parallel block replicating its own input outside the model's forward)
   are brought to the largest batch, as AdapterHub does.
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from ..models.attention import DisentangledSelfAttention
 from ..ops import disentangled_attention
+from ..ops.lora_qkv import lora_qkv
 from .lora import LoRALinear
 
 __all__ = ["DisentangledSelfAttentionWithAdapters"]
@@ -56,14 +58,25 @@ class DisentangledSelfAttentionWithAdapters(DisentangledSelfAttention):
         pos_query = self._heads(project(query_proj)) if spec.p2c else None
         return pos_key, pos_query
 
+    def _project_qkv(self, hidden_states: torch.Tensor):
+        """(q, k, v) [B, L, heads·d]. When at least one projection runs a plain LoRA and none needs its module
+        (composition, gating, (IA)³), the three go through ``ops.lora_qkv`` together: one launch on CUDA."""
+        projections = (self.query_proj, self.key_proj, self.value_proj)
+        plans = [p.fusable_lora() if isinstance(p, LoRALinear) else None for p in projections]
+        loras = [plan for plan in plans if plan]
+        if any(plan is None for plan in plans) or not loras or len({plan[3] for plan in loras}) > 1:
+            return tuple(projection(hidden_states) for projection in projections)
+        q_lora, k_lora, v_lora = (tuple(plan[:3]) if plan else None for plan in plans)
+        return lora_qkv(hidden_states, self.query_proj.weight, self.query_proj.bias, self.key_proj.weight,
+                        self.key_proj.bias, self.value_proj.weight, self.value_proj.bias, q_lora, k_lora, v_lora,
+                        loras[0][3])
+
     def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
                 rel_embeddings=None):
         if query_states is not None or relative_pos is not None:
             return super().forward(hidden_states, attention_mask, output_attentions, query_states, relative_pos,
                                    rel_embeddings)
-        query = self._heads(self.query_proj(hidden_states))
-        key = self._heads(self.key_proj(hidden_states))
-        value = self._heads(self.value_proj(hidden_states))
+        query, key, value = (self._heads(t) for t in self._project_qkv(hidden_states))
         batch = max(query.shape[0], key.shape[0], value.shape[0])
         query, key, value = _to_batch(query, batch), _to_batch(key, batch), _to_batch(value, batch)
         hidden_states = _to_batch(hidden_states, batch)

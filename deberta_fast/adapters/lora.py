@@ -315,6 +315,25 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
                 return self._forward_composed(x, setup, record=positions_batch is None)
         return F.linear(x, self.weight, self.bias)
 
+    def fusable_lora(self):
+        """What this layer adds to its base linear for the active setup, in a form a fused q/k/v op can run:
+        ``()`` for nothing (no setup, merged, or no adapter of the setup here), ``(lora_A, lora_B, scaling,
+        dropout_p)`` for one plain LoRA, or None when its work needs the module (composition, gating, (IA)³)."""
+        if self.merged is not None:
+            return ()
+        setup = self.active_setup()
+        if setup is None:
+            return ()
+        if type(setup) is not Stack or not all(isinstance(c, str) for c in setup.children):
+            return None
+        present = [self.loras[c] for c in setup.children if c in self.loras]
+        if not present:
+            return ()
+        if len(present) != 1 or present[0].use_gating or isinstance(present[0], IA3):
+            return None
+        module = present[0]
+        return module.lora_A, module.lora_B, module.scaling, module.dropout_active
+
     def _single_adapter(self, setup):
         """The only adapter of this layer a plain Stack of names runs, if it is ungated; else None."""
         if type(setup) is not Stack or not all(isinstance(c, str) for c in setup.children):
