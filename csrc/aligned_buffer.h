@@ -1,0 +1,61 @@
+// Zero-initialised, 64-byte aligned scratch memory owned by one worker or one group of heads.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace deberta_fast_cpu {
+
+template <typename T>
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(int64_t count) { reset(count); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  AlignedBuffer(AlignedBuffer&& other) noexcept : data_(other.data_), size_(other.size_) {
+    other.data_ = nullptr;
+    other.size_ = 0;
+  }
+  AlignedBuffer& operator=(AlignedBuffer&& other) noexcept {
+    if (this != &other) {
+      std::free(data_);
+      data_ = other.data_;
+      size_ = other.size_;
+      other.data_ = nullptr;
+      other.size_ = 0;
+    }
+    return *this;
+  }
+  ~AlignedBuffer() { std::free(data_); }
+
+  // Makes room for `count` elements, all zero (zero padding keeps unused tile columns finite).
+  void reset(int64_t count) {
+    std::free(data_);
+    data_ = nullptr;
+    size_ = count;
+    if (count <= 0) {
+      return;
+    }
+    const size_t bytes = ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64;
+    data_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(data_ != nullptr, "deberta_fast_cpu: out of memory allocating ", bytes, " bytes of scratch");
+    std::memset(data_, 0, bytes);
+  }
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  int64_t size() const { return size_; }
+
+ private:
+  T* data_ = nullptr;
+  int64_t size_ = 0;
+};
+
+// Rounds n up to a multiple of m.
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+}  // namespace deberta_fast_cpu

@@ -1,0 +1,184 @@
+// What the forward and backward kernels share about one call: geometry checks, the token mask, packed windows of
+// the positional tables, grouping of heads and the dynamic task queue.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "aligned_buffer.h"
+#include "attention_geometry.h"
+#include "packing.h"
+#include "slot_index.h"
+
+namespace deberta_fast_cpu {
+
+// Validates the operands (the Python wrapper checks them too; this guards direct calls of the op).
+inline Geometry make_geometry(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                              const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query,
+                              const std::optional<at::Tensor>& token_mask, const std::optional<at::Tensor>& slot_table,
+                              double softmax_scale, int64_t num_prefix_keys) {
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4,
+              "deberta_fast_cpu: query, key and value must be [B, H, L, D]");
+  TORCH_CHECK(query.device().is_cpu(), "deberta_fast_cpu: tensors must be on the CPU");
+  TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
+              "deberta_fast_cpu: query, key and value must share one dtype");
+  Geometry g;
+  g.batch = query.size(0);
+  g.heads = query.size(1);
+  g.length = query.size(2);
+  g.head_dim = query.size(3);
+  g.prefix = num_prefix_keys;
+  g.keys = g.prefix + g.length;
+  g.value_dim = value.size(3);
+  g.scale = static_cast<float>(softmax_scale);
+  TORCH_CHECK(num_prefix_keys >= 0, "deberta_fast_cpu: num_prefix_keys must be >= 0");
+  TORCH_CHECK(key.size(0) == g.batch && key.size(1) == g.heads && key.size(2) == g.keys && key.size(3) == g.head_dim,
+              "deberta_fast_cpu: key must be [B, H, P + L, D]");
+  TORCH_CHECK(value.size(0) == g.batch && value.size(1) == g.heads && value.size(2) == g.keys,
+              "deberta_fast_cpu: value must be [B, H, P + L, Dv]");
+  g.c2p = pos_key.has_value();
+  g.p2c = pos_query.has_value();
+  if (g.positions()) {
+    TORCH_CHECK(slot_table.has_value() && slot_table->dim() == 1 && slot_table->size(0) == 2 * g.length - 1,
+                "deberta_fast_cpu: slot_table must be [2L - 1] when a positional table is given");
+  }
+  for (const auto* table : {&pos_key, &pos_query}) {
+    if (!table->has_value()) continue;
+    const at::Tensor& t = **table;
+    TORCH_CHECK(t.dim() == 4 && (t.size(0) == 1 || t.size(0) == g.batch) && t.size(1) == g.heads &&
+                    t.size(3) == g.head_dim && t.scalar_type() == query.scalar_type(),
+                "deberta_fast_cpu: positional tables must be [1 or B, H, 2S, D] in the dtype of query");
+  }
+  if (g.c2p) g.pos_key_batch = pos_key->size(0);
+  if (g.p2c) g.pos_query_batch = pos_query->size(0);
+  if (token_mask.has_value()) {
+    TORCH_CHECK(token_mask->dim() == 2 && token_mask->size(0) == g.batch && token_mask->size(1) == g.length,
+                "deberta_fast_cpu: token_mask must be [B, L]");
+    g.has_mask = true;
+  }
+  return g;
+}
+
+// The positional window [lo, lo + W) and both orientations of the slot index.
+struct Slots {
+  SlotIndex query_rows, key_rows;
+
+  // table_rows: 2S, the number of rows of the positional tables; every slot must index one of them.
+  Slots(Geometry& g, const std::optional<at::Tensor>& slot_table, int64_t table_rows, bool need_key_rows) {
+    if (!g.positions()) return;
+    const at::Tensor slots = slot_table->to(at::kInt).contiguous();
+    const int32_t* s = slots.data_ptr<int32_t>();
+    const int64_t n = 2 * g.length - 1;
+    TORCH_CHECK(s[0] >= 0 && s[n - 1] >= s[0] && s[n - 1] < table_rows,
+                "deberta_fast_cpu: slot_table must hold non-decreasing slots in [0, ", table_rows, ")");
+    g.slot_lo = s[0];
+    g.window = static_cast<int64_t>(s[n - 1]) - s[0] + 1;
+    query_rows = SlotIndex(s, g.length, g.slot_lo, g.window, /*rows_are_queries=*/true);
+    if (need_key_rows) key_rows = SlotIndex(s, g.length, g.slot_lo, g.window, /*rows_are_queries=*/false);
+  }
+};
+
+// Token mask as bytes plus per-batch prefix counts (a block has a valid token iff its count difference > 0).
+struct TokenMask {
+  std::vector<uint8_t> valid;   // [B, L]
+  std::vector<int32_t> counts;  // [B, L + 1]
+  int64_t length = 0;
+  bool present = false;
+
+  TokenMask(const Geometry& g, const std::optional<at::Tensor>& token_mask) : length(g.length) {
+    if (!token_mask.has_value()) return;
+    present = true;
+    const at::Tensor m = token_mask->ne(0).to(at::kByte).contiguous();
+    const uint8_t* p = m.data_ptr<uint8_t>();
+    valid.assign(p, p + g.batch * g.length);
+    counts.assign(g.batch * (g.length + 1), 0);
+    for (int64_t b = 0; b < g.batch; ++b) {
+      for (int64_t i = 0; i < g.length; ++i) {
+        counts[b * (g.length + 1) + i + 1] = counts[b * (g.length + 1) + i] + valid[b * g.length + i];
+      }
+    }
+  }
+
+  bool ok(int64_t b, int64_t i) const { return !present || valid[b * length + i] != 0; }
+  int64_t count(int64_t b, int64_t i0, int64_t i1) const {
+    if (!present) return i1 - i0;
+    return counts[b * (length + 1) + i1] - counts[b * (length + 1) + i0];
+  }
+  // col_ok[c] = 1 for valid tokens i0 + c (c < n), 0 for masked ones and for padding up to n_padded.
+  void fill(int64_t b, int64_t i0, int64_t n, int64_t n_padded, float* col_ok) const {
+    for (int64_t c = 0; c < n_padded; ++c) col_ok[c] = (c < n && ok(b, i0 + c)) ? 1.f : 0.f;
+  }
+};
+
+// The slots [lo, lo + W) of one positional table [PB, H, 2S, D], packed per (pb, h) in fp32:
+// rows [W, D] or transposed [D, W]; `reversed` stores slot lo + W - 1 - sigma at sigma.
+template <typename T>
+AlignedBuffer<float> pack_window(const at::Tensor& table, const Geometry& g, bool reversed, bool transposed,
+                                 float scale) {
+  const Strided4<T> t(table);
+  const int64_t pb_count = table.size(0), W = g.window, D = g.head_dim;
+  AlignedBuffer<float> out(pb_count * g.heads * W * D);
+  for (int64_t pb = 0; pb < pb_count; ++pb) {
+    for (int64_t h = 0; h < g.heads; ++h) {
+      const T* src = t.at(pb, h);
+      float* dst = out.data() + (pb * g.heads + h) * W * D;
+      for (int64_t sigma = 0; sigma < W; ++sigma) {
+        const int64_t slot = reversed ? g.slot_lo + W - 1 - sigma : g.slot_lo + sigma;
+        for (int64_t d = 0; d < D; ++d) {
+          const float v = scale * static_cast<float>(src[slot * t.s2 + d * t.s3]);
+          if (transposed) {
+            dst[d * W + sigma] = v;
+          } else {
+            dst[sigma * D + d] = v;
+          }
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// Runs fn(task, worker_state) for task in [0, n) on at::parallel_for threads with a shared counter, so uneven
+// tasks balance. Which thread runs a task never changes what the task computes.
+template <typename State, typename Fn>
+void parallel_tasks(int64_t n, const Fn& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    State state;
+    for (int64_t task = next.fetch_add(1); task < n; task = next.fetch_add(1)) fn(task, state);
+  });
+}
+
+// Heads processed together: enough to keep every thread busy, few enough to bound the per-head workspace.
+inline int64_t heads_per_group(int64_t total_heads, int64_t bytes_per_head) {
+  constexpr int64_t kBudget = int64_t(64) << 20;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_budget = std::max<int64_t>(1, kBudget / std::max<int64_t>(1, bytes_per_head));
+  return std::max<int64_t>(1, std::min(total_heads, std::max(2 * threads, by_budget)));
+}
+
+// An fp32 row view of a per-head operand: the input itself when it is fp32 with unit column stride, else packed.
+template <typename T>
+Rows rows_view(const Strided4<T>& t, int64_t n, int64_t h, const float* packed, int64_t packed_ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (t.s3 == 1) return Rows{t.at(n, h), t.s2};
+  }
+  return Rows{packed, packed_ld};
+}
+
+template <typename T>
+bool needs_row_pack(const Strided4<T>& t) {
+  if constexpr (std::is_same_v<T, float>) return t.s3 != 1;
+  return true;
+}
+
+}  // namespace deberta_fast_cpu

@@ -1,0 +1,444 @@
+// Backward pass, deterministic and without atomics: every output element has exactly one owner.
+//
+// With dS = P * (dP - delta), delta_i = dO_i . O_i, and G[i, sigma] / H[j, sigma] the sums of dS over the pairs of
+// a query row / key row that read slot sigma:
+//   dQ_i  = s (sum_j dS_ij K_j + sum_sigma G[i, sigma] Pk[sigma])          query-stationary tasks (own dQ rows)
+//   dPk   = s sum_i G[i, .]^T Q_i                                          per fixed chunk of 256 queries, summed
+//   dK_j  = s (sum_i dS_ij Q_i + sum_sigma H[j, sigma] Pq[sigma])          key-stationary tasks (own dK, dV rows)
+//   dV_j  = sum_i P_ij dO_i  (+ the mean of dO over rows that average V)
+//   dPq   = s sum_j H[j, .]^T K_j                                          per fixed chunk of 256 keys, summed
+// Both passes recompute the scores tile by tile from the saved log-sum-exp. Per group of heads, phase A packs the
+// transposed operands and the two positional tables (p2c [W, L] for query rows, c2p [W, L] for key rows), phase B
+// runs both passes' tasks, phase C adds the per-chunk positional partials in chunk order.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "attention_call.h"
+#include "disentangled_attention.h"
+#include "score_rows.h"
+#include "tile_gemm.h"
+
+namespace deberta_fast_cpu {
+namespace {
+
+struct BackwardWorker {
+  AlignedBuffer<float> scores, grads, row_pos, slot_grad, slot_grad_t, acc, acc_v, col_ok;
+  bool ready = false;
+
+  void init(const Geometry& g) {
+    if (ready) return;
+    ready = true;
+    const int64_t cols = round_up(kBlockCols, 16);
+    scores.reset(kBlockRows * cols);
+    grads.reset(kBlockRows * cols);
+    row_pos.reset(g.positions() ? kBlockRows * g.window : 0);
+    slot_grad.reset(g.positions() ? kBlockRows * g.window : 0);
+    slot_grad_t.reset(g.positions() ? g.window * kBlockRows : 0);
+    acc.reset(kBlockRows * g.head_dim);
+    acc_v.reset(kBlockRows * g.value_dim);
+    col_ok.reset(cols);
+  }
+};
+
+// dst[sigma * ld_dst + r] = src[r * ld_src + sigma]
+inline void transpose_block(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+  }
+}
+
+template <typename T>
+struct BackwardInputs {
+  Strided4<T> q, k, v, dout, out;
+  const float* lse;
+};
+
+template <typename T>
+void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask, const BackwardInputs<T>& in,
+                     const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, T* dq,
+                     T* dk, T* dv, float* dpk_acc, float* dpq_acc) {
+  const int64_t H = g.heads, L = g.length, P = g.prefix, N = g.keys, D = g.head_dim, Dv = g.value_dim, W = g.window;
+  const int64_t ldN = round_up(N, 16), ldL = round_up(L, 16), ldS = round_up(kBlockCols, 16);
+  const int64_t vw = vec_width();
+  const float inf = std::numeric_limits<float>::infinity();
+
+  // Positional windows. Query rows read slots in reversed order (slot_index.h), key rows in natural order.
+  AlignedBuffer<float> pk_t_rev, pk_rev, pk_nat, pq_rev, pq_t_nat, pq_nat;
+  if (g.c2p) {
+    pk_t_rev = pack_window<T>(*pos_key, g, true, true, 1.f);   // [D, W]: c2p scores of a query block
+    pk_rev = pack_window<T>(*pos_key, g, true, false, 1.f);    // [W, D]: dQ += G Pk
+    pk_nat = pack_window<T>(*pos_key, g, false, false, 1.f);   // [W, D]: c2p table of the key-stationary pass
+  }
+  if (g.p2c) {
+    pq_rev = pack_window<T>(*pos_query, g, true, false, g.scale);     // [W, D]: p2c table of the query pass
+    pq_t_nat = pack_window<T>(*pos_query, g, false, true, g.scale);   // [D, W]: p2c scores of a key block
+    pq_nat = pack_window<T>(*pos_query, g, false, false, g.scale);    // [W, D]: dK += H Pq
+  }
+
+  const bool pack_k = needs_row_pack(in.k), pack_v = needs_row_pack(in.v), pack_do = needs_row_pack(in.dout);
+  const bool uniform_rows = mask.present && P == 0;
+  const int64_t n_chunks = (L + kChunkRows - 1) / kChunkRows;
+  const int64_t n_prefix_chunks = (P + kChunkRows - 1) / kChunkRows;
+  const int64_t per_head =
+      int64_t(sizeof(float)) *
+      ((D + Dv) * ldN + (pack_k ? N * D : 0) + (pack_v ? N * Dv : 0) + L * D + (D + Dv) * ldL +
+       (pack_do ? L * Dv : 0) + 2 * ldL + (g.p2c ? W * ldL : 0) + (g.c2p ? W * ldL : 0) + Dv +
+       2 * n_chunks * W * D);
+  const int64_t total = g.batch * H;
+  const int64_t G = heads_per_group(total, per_head);
+
+  AlignedBuffer<float> kt(G * D * ldN), vt(G * Dv * ldN), krows(pack_k ? G * N * D : 0),
+      vrows(pack_v ? G * N * Dv : 0), qs(G * L * D), qst(G * D * ldL), dorows(pack_do ? G * L * Dv : 0),
+      dot(G * Dv * ldL), lse_pad(G * ldL), delta_pad(G * ldL), tab_q(g.p2c ? G * W * ldL : 0),
+      tab_k(g.c2p ? G * W * ldL : 0), uniform(uniform_rows ? G * Dv : 0),
+      dpk_part(g.c2p ? G * n_chunks * W * D : 0), dpq_part(g.p2c ? G * n_chunks * W * D : 0);
+
+  for (int64_t h0 = 0; h0 < total; h0 += G) {
+    const int64_t count = std::min(G, total - h0);
+
+    // Phase A: per chunk of 256 positions, pack keys/values (with the prefix in chunk 0) and queries/out grads,
+    // delta, the padded log-sum-exp, and the two positional tables; per head, the uniform rows' mean of dO.
+    parallel_tasks<int>(count * n_chunks + (uniform_rows ? count : 0), [&](int64_t task, int&) {
+      if (task >= count * n_chunks) {
+        const int64_t gi = task - count * n_chunks, bh = h0 + gi;
+        const T* doh = in.dout.at(bh / H, bh % H);
+        float* u = uniform.data() + gi * Dv;
+        std::fill(u, u + Dv, 0.f);
+        for (int64_t i = 0; i < L; ++i) {
+          if (in.lse[bh * L + i] != inf) continue;
+          for (int64_t d = 0; d < Dv; ++d) u[d] += static_cast<float>(doh[i * in.dout.s2 + d * in.dout.s3]);
+        }
+        for (int64_t d = 0; d < Dv; ++d) u[d] /= static_cast<float>(L);
+        return;
+      }
+      const int64_t gi = task / n_chunks, chunk = task % n_chunks, bh = h0 + gi, b = bh / H, h = bh % H;
+      const int64_t c0 = chunk * kChunkRows, c1 = std::min(L, c0 + kChunkRows), n = c1 - c0;
+      const int64_t k0 = chunk == 0 ? 0 : P + c0, k1 = P + c1;
+      float* kth = kt.data() + gi * D * ldN;
+      const T* kh = in.k.at(b, h);
+      const T* vh = in.v.at(b, h);
+      pack_transposed(kh + k0 * in.k.s2, in.k.s2, in.k.s3, k1 - k0, D, 1.f, kth + k0, ldN);
+      pack_transposed(vh + k0 * in.v.s2, in.v.s2, in.v.s3, k1 - k0, Dv, 1.f, vt.data() + gi * Dv * ldN + k0, ldN);
+      if (pack_k) pack_rows(kh + k0 * in.k.s2, in.k.s2, in.k.s3, k1 - k0, D, 1.f, krows.data() + (gi * N + k0) * D, D);
+      if (pack_v) {
+        pack_rows(vh + k0 * in.v.s2, in.v.s2, in.v.s3, k1 - k0, Dv, 1.f, vrows.data() + (gi * N + k0) * Dv, Dv);
+      }
+      const T* qh = in.q.at(b, h);
+      const T* doh = in.dout.at(b, h);
+      const T* oh = in.out.at(b, h);
+      float* qsh = qs.data() + gi * L * D;
+      float* qsth = qst.data() + gi * D * ldL;
+      pack_rows(qh + c0 * in.q.s2, in.q.s2, in.q.s3, n, D, g.scale, qsh + c0 * D, D);
+      pack_transposed(qh + c0 * in.q.s2, in.q.s2, in.q.s3, n, D, g.scale, qsth + c0, ldL);
+      pack_transposed(doh + c0 * in.dout.s2, in.dout.s2, in.dout.s3, n, Dv, 1.f, dot.data() + gi * Dv * ldL + c0, ldL);
+      if (pack_do) {
+        pack_rows(doh + c0 * in.dout.s2, in.dout.s2, in.dout.s3, n, Dv, 1.f, dorows.data() + (gi * L + c0) * Dv, Dv);
+      }
+      float* lp = lse_pad.data() + gi * ldL;
+      float* dp = delta_pad.data() + gi * ldL;
+      for (int64_t i = c0; i < c1; ++i) {
+        lp[i] = in.lse[bh * L + i];
+        float delta = 0.f;
+        for (int64_t d = 0; d < Dv; ++d) {
+          delta += static_cast<float>(doh[i * in.dout.s2 + d * in.dout.s3]) *
+                   static_cast<float>(oh[i * in.out.s2 + d * in.out.s3]);
+        }
+        dp[i] = delta;
+      }
+      if (c1 == L) {
+        for (int64_t i = L; i < ldL; ++i) {
+          lp[i] = inf;
+          dp[i] = 0.f;
+        }
+      }
+      if (g.p2c) {
+        const int64_t pb = g.pos_query_batch == 1 ? 0 : b;
+        gemm_rr(W, n, D, pq_rev.data() + (pb * H + h) * W * D, D, kth + P + c0, ldN,
+                tab_q.data() + gi * W * ldL + c0, ldL, false);
+      }
+      if (g.c2p) {
+        const int64_t pb = g.pos_key_batch == 1 ? 0 : b;
+        gemm_rr(W, n, D, pk_nat.data() + (pb * H + h) * W * D, D, qsth + c0, ldL, tab_k.data() + gi * W * ldL + c0,
+                ldL, false);
+      }
+    });
+
+    // Phase B: query-stationary tasks, then key-stationary tasks over content keys, then over prefix keys.
+    const int64_t n_query_tasks = count * n_chunks, n_key_tasks = count * n_chunks;
+    parallel_tasks<BackwardWorker>(n_query_tasks + n_key_tasks + count * n_prefix_chunks, [&](int64_t task,
+                                                                                              BackwardWorker& w) {
+      w.init(g);
+      float* S = w.scores.data();
+      float* dP = w.grads.data();
+      float* col_ok = w.col_ok.data();
+      if (task < n_query_tasks) {
+        // ---- query rows: dQ and the c2p partial of this chunk ----
+        const int64_t gi = task / n_chunks, chunk = task % n_chunks, bh = h0 + gi, b = bh / H, h = bh % H;
+        const float* kth = kt.data() + gi * D * ldN;
+        const float* vth = vt.data() + gi * Dv * ldN;
+        const Rows kr = rows_view(in.k, b, h, krows.data() + gi * N * D, D);
+        const Rows dor = rows_view(in.dout, b, h, dorows.data() + gi * L * Dv, Dv);
+        const float* lp = lse_pad.data() + gi * ldL;
+        const float* dl = delta_pad.data() + gi * ldL;
+        float* partial = g.c2p ? dpk_part.data() + (gi * n_chunks + chunk) * W * D : nullptr;
+        if (partial) std::memset(partial, 0, sizeof(float) * W * D);
+        const float* p2c_head = g.p2c ? tab_q.data() + gi * W * ldL : nullptr;
+        const int64_t pb = g.pos_key_batch == 1 ? 0 : b;
+        const int64_t r_end = std::min(L, (chunk + 1) * kChunkRows);
+        for (int64_t i0 = chunk * kChunkRows; i0 < r_end; i0 += kBlockRows) {
+          const int64_t bm = std::min(kBlockRows, r_end - i0);
+          const float* qsb = qs.data() + (gi * L + i0) * D;
+          const float* dob = dor.row(i0);
+          float* acc = w.acc.data();
+          std::memset(acc, 0, sizeof(float) * bm * D);
+          bool row_ok[kBlockRows];
+          int64_t valid_rows = 0;
+          for (int64_t r = 0; r < bm; ++r) {
+            row_ok[r] = mask.ok(b, i0 + r);
+            valid_rows += row_ok[r];
+          }
+          float* c2p_blk = w.row_pos.data();
+          float* gsl = w.slot_grad.data();
+          if (g.c2p && valid_rows > 0) {
+            gemm_rr(bm, W, D, qsb, D, pk_t_rev.data() + (pb * H + h) * D * W, W, c2p_blk, W, false);
+            std::memset(gsl, 0, sizeof(float) * bm * W);
+          }
+          for (int64_t p0 = 0; p0 < P; p0 += kBlockCols) {
+            const int64_t pn = std::min(kBlockCols, P - p0), pnp = round_up(pn, vw);
+            gemm_rr(bm, pn, D, qsb, D, kth + p0, ldN, S, ldS, false);
+            gemm_rr(bm, pn, Dv, dob, dor.ld, vth + p0, ldN, dP, ldS, false);
+            for (int64_t c = 0; c < pnp; ++c) col_ok[c] = c < pn ? 1.f : 0.f;
+            for (int64_t r = 0; r < bm; ++r) {
+              add_positions_and_mask(S + r * ldS, pnp, nullptr, col_ok);
+              score_grad_row(S + r * ldS, dP + r * ldS, pnp, lp[i0 + r], dl[i0 + r]);
+            }
+            gemm_rr(bm, D, pn, S, ldS, kr.row(p0), kr.ld, acc, D, true);
+          }
+          for (int64_t j0 = 0; valid_rows > 0 && j0 < L; j0 += kBlockCols) {
+            const int64_t bn = std::min(kBlockCols, L - j0), bnp = round_up(bn, vw);
+            if (mask.count(b, j0, j0 + bn) == 0) continue;
+            gemm_rr(bm, bn, D, qsb, D, kth + P + j0, ldN, S, ldS, false);
+            gemm_rr(bm, bn, Dv, dob, dor.ld, vth + P + j0, ldN, dP, ldS, false);
+            mask.fill(b, j0, bn, bnp, col_ok);
+            RowPositions rp;
+            if (g.positions()) {
+              rp.kind = slots.query_rows.classify(i0, bm, j0, bnp);
+              rp.col_table = p2c_head ? p2c_head + j0 : nullptr;
+              rp.col_ld = ldL;
+            }
+            for (int64_t r = 0; r < bm; ++r) {
+              float* row = S + r * ldS;
+              if (!row_ok[r]) {
+                std::memset(row, 0, sizeof(float) * bnp);
+                continue;
+              }
+              if (g.positions()) {
+                rp.sigma = slots.query_rows.row_ptr(i0 + r, j0);
+                rp.row_term = g.c2p ? c2p_blk + r * W : nullptr;
+              }
+              add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok);
+              score_grad_row(row, dP + r * ldS, bnp, lp[i0 + r], dl[i0 + r]);
+              if (g.c2p) scatter_to_slots(row, bn, rp.kind, rp.sigma, gsl + r * W);
+            }
+            gemm_rr(bm, D, bn, S, ldS, kr.row(P + j0), kr.ld, acc, D, true);
+          }
+          if (g.c2p && valid_rows > 0) {
+            gemm_rr(bm, D, W, gsl, W, pk_rev.data() + (pb * H + h) * W * D, D, acc, D, true);
+            float* gt = w.slot_grad_t.data();
+            transpose_block(gsl, W, bm, W, gt, kBlockRows);
+            gemm_rr(W, D, bm, gt, kBlockRows, qsb, D, partial, D, true);
+          }
+          store_rows(acc, D, bm, D, g.scale, dq + ((b * L + i0) * H + h) * D, H * D, 1);
+        }
+        return;
+      }
+      task -= n_query_tasks;
+      const bool prefix_task = task >= n_key_tasks;
+      if (prefix_task) task -= n_key_tasks;
+      const int64_t per = prefix_task ? n_prefix_chunks : n_chunks;
+      const int64_t gi = task / per, chunk = task % per, bh = h0 + gi, b = bh / H, h = bh % H;
+      // ---- key rows: dK, dV and (content keys) the p2c partial of this chunk ----
+      const Rows kr = rows_view(in.k, b, h, krows.data() + gi * N * D, D);
+      const Rows vr = rows_view(in.v, b, h, vrows.data() + gi * N * Dv, Dv);
+      const Rows dor = rows_view(in.dout, b, h, dorows.data() + gi * L * Dv, Dv);
+      const float* qsh = qs.data() + gi * L * D;
+      const float* qsth = qst.data() + gi * D * ldL;
+      const float* doth = dot.data() + gi * Dv * ldL;
+      const float* lp = lse_pad.data() + gi * ldL;
+      const float* dl = delta_pad.data() + gi * ldL;
+      const bool pos = !prefix_task && g.positions();
+      float* partial = (!prefix_task && g.p2c) ? dpq_part.data() + (gi * n_chunks + chunk) * W * D : nullptr;
+      if (partial) std::memset(partial, 0, sizeof(float) * W * D);
+      const float* c2p_head = g.c2p ? tab_k.data() + gi * W * ldL : nullptr;
+      const int64_t pb = g.pos_query_batch == 1 ? 0 : b;
+      const int64_t offset = prefix_task ? 0 : P;  // key index of content key 0
+      const int64_t span = prefix_task ? P : L;
+      const int64_t r_end = std::min(span, (chunk + 1) * kChunkRows);
+      for (int64_t j0 = chunk * kChunkRows; j0 < r_end; j0 += kBlockRows) {
+        const int64_t bn = std::min(kBlockRows, r_end - j0);
+        const float* kb = kr.row(offset + j0);
+        const float* vb = vr.row(offset + j0);
+        float* acc = w.acc.data();
+        float* acc_v = w.acc_v.data();
+        std::memset(acc, 0, sizeof(float) * bn * D);
+        std::memset(acc_v, 0, sizeof(float) * bn * Dv);
+        bool key_ok[kBlockRows];
+        int64_t valid_keys = 0;
+        for (int64_t r = 0; r < bn; ++r) {
+          key_ok[r] = prefix_task || mask.ok(b, j0 + r);
+          valid_keys += key_ok[r];
+        }
+        float* p2c_blk = w.row_pos.data();
+        float* hsl = w.slot_grad.data();
+        if (g.p2c && pos && valid_keys > 0) {
+          gemm_rr(bn, W, D, kb, kr.ld, pq_t_nat.data() + (pb * H + h) * D * W, W, p2c_blk, W, false);
+          std::memset(hsl, 0, sizeof(float) * bn * W);
+        }
+        for (int64_t i0 = 0; valid_keys > 0 && i0 < L; i0 += kBlockCols) {
+          const int64_t bq = std::min(kBlockCols, L - i0), bqp = round_up(bq, vw);
+          // Prefix keys serve every query; content keys only real queries.
+          if (!prefix_task && mask.count(b, i0, i0 + bq) == 0) continue;
+          gemm_rr(bn, bq, D, kb, kr.ld, qsth + i0, ldL, S, ldS, false);
+          gemm_rr(bn, bq, Dv, vb, vr.ld, doth + i0, ldL, dP, ldS, false);
+          if (prefix_task) {
+            for (int64_t c = 0; c < bqp; ++c) col_ok[c] = c < bq ? 1.f : 0.f;
+          } else {
+            mask.fill(b, i0, bq, bqp, col_ok);
+          }
+          RowPositions rp;
+          if (pos) {
+            rp.kind = slots.key_rows.classify(j0, bn, i0, bqp);
+            rp.col_table = c2p_head ? c2p_head + i0 : nullptr;
+            rp.col_ld = ldL;
+          }
+          for (int64_t r = 0; r < bn; ++r) {
+            float* row = S + r * ldS;
+            float* grow = dP + r * ldS;
+            if (!key_ok[r]) {
+              std::memset(row, 0, sizeof(float) * bqp);
+              std::memset(grow, 0, sizeof(float) * bqp);
+              continue;
+            }
+            if (pos) {
+              rp.sigma = slots.key_rows.row_ptr(j0 + r, i0);
+              rp.row_term = g.p2c ? p2c_blk + r * W : nullptr;
+            }
+            add_positions_and_mask(row, bqp, pos ? &rp : nullptr, col_ok);
+            score_grad_row_transposed(row, grow, bqp, lp + i0, dl + i0);
+            if (pos && g.p2c) scatter_to_slots(grow, bq, rp.kind, rp.sigma, hsl + r * W);
+          }
+          gemm_rr(bn, Dv, bq, S, ldS, dor.row(i0), dor.ld, acc_v, Dv, true);
+          gemm_rr(bn, D, bq, dP, ldS, qsh + i0 * D, D, acc, D, true);
+        }
+        if (g.p2c && pos && valid_keys > 0) {
+          gemm_rr(bn, D, W, hsl, W, pq_nat.data() + (pb * H + h) * W * D, D, acc, D, true);
+          float* ht = w.slot_grad_t.data();
+          transpose_block(hsl, W, bn, W, ht, kBlockRows);
+          gemm_rr(W, D, bn, ht, kBlockRows, kb, kr.ld, partial, D, true);
+        }
+        if (uniform_rows) {
+          const float* u = uniform.data() + gi * Dv;
+          for (int64_t r = 0; r < bn; ++r) {
+            for (int64_t d = 0; d < Dv; ++d) acc_v[r * Dv + d] += u[d];
+          }
+        }
+        const int64_t key0 = offset + j0;
+        store_rows(acc, D, bn, D, 1.f, dk + ((b * N + key0) * H + h) * D, H * D, 1);
+        store_rows(acc_v, Dv, bn, Dv, 1.f, dv + ((b * N + key0) * H + h) * Dv, H * Dv, 1);
+      }
+    });
+
+    // Phase C: positional partials of these heads, in head and chunk order.
+    for (int64_t gi = 0; gi < count; ++gi) {
+      const int64_t bh = h0 + gi, b = bh / H, h = bh % H;
+      if (g.c2p) {
+        float* dst = dpk_acc + ((g.pos_key_batch == 1 ? 0 : b) * H + h) * W * D;
+        for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+          const float* src = dpk_part.data() + (gi * n_chunks + chunk) * W * D;
+          for (int64_t e = 0; e < W * D; ++e) dst[e] += src[e];
+        }
+      }
+      if (g.p2c) {
+        float* dst = dpq_acc + ((g.pos_query_batch == 1 ? 0 : b) * H + h) * W * D;
+        for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+          const float* src = dpq_part.data() + (gi * n_chunks + chunk) * W * D;
+          for (int64_t e = 0; e < W * D; ++e) dst[e] += src[e];
+        }
+      }
+    }
+  }
+}
+
+// Writes the window accumulator [PB, H, W, D] into a zero table [PB, H, 2S, D] (reversed: sigma -> lo + W-1-sigma).
+template <typename T>
+void store_window(const float* acc, const Geometry& g, bool reversed, float scale, at::Tensor& table) {
+  T* dst = table.data_ptr<T>();
+  const int64_t pb_count = table.size(0), rows = table.size(2), W = g.window, D = g.head_dim;
+  for (int64_t ph = 0; ph < pb_count * g.heads; ++ph) {
+    for (int64_t sigma = 0; sigma < W; ++sigma) {
+      const int64_t slot = reversed ? g.slot_lo + W - 1 - sigma : g.slot_lo + sigma;
+      for (int64_t d = 0; d < D; ++d) {
+        dst[(ph * rows + slot) * D + d] = static_cast<T>(scale * acc[(ph * W + sigma) * D + d]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query,
+    const std::optional<at::Tensor>& token_mask, const std::optional<at::Tensor>& slot_table, const at::Tensor& out,
+    const at::Tensor& lse, double softmax_scale, int64_t num_prefix_keys) {
+  Geometry g = make_geometry(query, key, value, pos_key, pos_query, token_mask, slot_table, softmax_scale,
+                             num_prefix_keys);
+  TORCH_CHECK(grad_out.dim() == 4 && out.dim() == 4 && grad_out.sizes() == out.sizes() &&
+                  out.size(0) == g.batch && out.size(1) == g.heads && out.size(2) == g.length &&
+                  out.size(3) == g.value_dim,
+              "deberta_fast_cpu: grad_out and out must be [B, H, L, Dv]");
+  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(),
+              "deberta_fast_cpu: grad_out and out must have the dtype of query");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == g.batch &&
+                  lse.size(1) == g.heads && lse.size(2) == g.length,
+              "deberta_fast_cpu: lse must be float32 [B, H, L]");
+  const int64_t table_rows = pos_key ? pos_key->size(2) : (pos_query ? pos_query->size(2) : 0);
+  const Slots slots(g, slot_table, table_rows, /*need_key_rows=*/true);
+  const TokenMask mask(g, token_mask);
+  const at::Tensor lse_c = lse.contiguous();
+
+  at::Tensor dq = at::empty({g.batch, g.length, g.heads, g.head_dim}, query.options());
+  at::Tensor dk = at::empty({g.batch, g.keys, g.heads, g.head_dim}, query.options());
+  at::Tensor dv = at::empty({g.batch, g.keys, g.heads, g.value_dim}, query.options());
+  at::Tensor dpk = g.c2p ? at::zeros(pos_key->sizes(), query.options()) : at::empty({0}, query.options());
+  at::Tensor dpq = g.p2c ? at::zeros(pos_query->sizes(), query.options()) : at::empty({0}, query.options());
+  const int64_t W = g.window;
+  AlignedBuffer<float> dpk_acc(g.c2p ? g.pos_key_batch * g.heads * W * g.head_dim : 0);
+  AlignedBuffer<float> dpq_acc(g.p2c ? g.pos_query_batch * g.heads * W * g.head_dim : 0);
+
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    BackwardInputs<T> in{Strided4<T>(query), Strided4<T>(key), Strided4<T>(value), Strided4<T>(grad_out),
+                         Strided4<T>(out), lse_c.data_ptr<float>()};
+    if (g.batch * g.heads * g.length > 0) {
+      backward_kernel<T>(g, slots, mask, in, pos_key, pos_query, dq.data_ptr<T>(), dk.data_ptr<T>(),
+                         dv.data_ptr<T>(), dpk_acc.data(), dpq_acc.data());
+    }
+    if (g.c2p) store_window<T>(dpk_acc.data(), g, /*reversed=*/true, 1.f, dpk);
+    if (g.p2c) store_window<T>(dpq_acc.data(), g, /*reversed=*/false, g.scale, dpq);
+  };
+  switch (query.scalar_type()) {
+    case at::kFloat: run(float()); break;
+    case at::kBFloat16: run(at::BFloat16()); break;
+    case at::kHalf: run(at::Half()); break;
+    default: TORCH_CHECK(false, "deberta_fast_cpu: unsupported dtype ", query.scalar_type());
+  }
+  return {dq.permute({0, 2, 1, 3}), dk.permute({0, 2, 1, 3}), dv.permute({0, 2, 1, 3}), dpk, dpq};
+}
+
+}  // namespace deberta_fast_cpu

@@ -1,0 +1,236 @@
+// Forward pass: query-stationary tiles with an online softmax.
+//
+// Per group of heads, phase A packs K^T (and V when it is not fp32 rows) and the p2c table
+//   p2c[sigma, j] = s Pq[slot(sigma)] . K_j       [W, L], W <= 2S slots,
+// then phase B runs one task per (head, block of 64 queries): the block's c2p scores against every slot of the window
+// (Q_blk Pk^T, [64, W]), then for each block of 128 keys the content scores Q_blk K_blk^T with the positional terms
+// picked per element (constant / linear / general tiles, see slot_index.h), masking and the online softmax update
+// of the running output. The log-sum-exp of every row is saved for the backward pass.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "attention_call.h"
+#include "disentangled_attention.h"
+#include "score_rows.h"
+#include "tile_gemm.h"
+
+namespace deberta_fast_cpu {
+namespace {
+
+constexpr int64_t kPackChunk = 256;
+
+struct ForwardWorker {
+  AlignedBuffer<float> qs, c2p, scores, acc, col_ok, row_max, row_sum;
+  bool ready = false;
+
+  void init(const Geometry& g) {
+    if (ready) return;
+    ready = true;
+    const int64_t cols = round_up(kBlockCols, 16);
+    qs.reset(kBlockRows * g.head_dim);
+    c2p.reset(g.c2p ? kBlockRows * g.window : 0);
+    scores.reset(kBlockRows * cols);
+    acc.reset(kBlockRows * g.value_dim);
+    col_ok.reset(cols);
+    row_max.reset(kBlockRows);
+    row_sum.reset(kBlockRows);
+  }
+};
+
+// Online softmax update of one row whose scores (masked, -inf) are in `row`; leaves exp(score - m_new) there.
+inline void online_update(float* row, int64_t cols_padded, float row_max, float& m, float& l, float* acc_row,
+                          int64_t value_dim) {
+  const float m_new = std::max(m, row_max);
+  if (m_new == kNegInf) {  // nothing valid in this row so far
+    std::memset(row, 0, sizeof(float) * cols_padded);
+    return;
+  }
+  const float alpha = std::exp(m - m_new);
+  const float sum = exp_and_sum(row, cols_padded, m_new);
+  l = l * alpha + sum;
+  m = m_new;
+  if (alpha != 1.f) scale_row(acc_row, value_dim, alpha);
+}
+
+template <typename T>
+void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask, const at::Tensor& query,
+                    const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& pos_key,
+                    const std::optional<at::Tensor>& pos_query, T* out, float* lse) {
+  const Strided4<T> q(query), k(key), v(value);
+  const int64_t H = g.heads, L = g.length, P = g.prefix, N = g.keys, D = g.head_dim, Dv = g.value_dim, W = g.window;
+  const int64_t ldN = round_up(N, 16), ldL = round_up(L, 16), ldS = round_up(kBlockCols, 16);
+  const int64_t vw = vec_width();
+
+  AlignedBuffer<float> pk_t_rev, pq_rev;  // [D, W] and [W, D] (scaled), slots in reversed order
+  if (g.c2p) pk_t_rev = pack_window<T>(*pos_key, g, /*reversed=*/true, /*transposed=*/true, 1.f);
+  if (g.p2c) pq_rev = pack_window<T>(*pos_query, g, /*reversed=*/true, /*transposed=*/false, g.scale);
+
+  const bool pack_v = needs_row_pack(v);
+  const bool uniform_rows = mask.present && P == 0;  // rows without any valid key average V
+  const int64_t per_head =
+      int64_t(sizeof(float)) * (D * ldN + (pack_v ? N * Dv : 0) + (g.p2c ? W * ldL : 0) + Dv);
+  const int64_t total = g.batch * H;
+  const int64_t G = heads_per_group(total, per_head);
+  AlignedBuffer<float> kt(G * D * ldN), vrows(pack_v ? G * N * Dv : 0), p2c(g.p2c ? G * W * ldL : 0),
+      mean_v(uniform_rows ? G * Dv : 0);
+
+  const int64_t n_chunks = (L + kPackChunk - 1) / kPackChunk;
+  const int64_t n_blocks = (L + kBlockRows - 1) / kBlockRows;
+  for (int64_t h0 = 0; h0 < total; h0 += G) {
+    const int64_t count = std::min(G, total - h0);
+
+    // Phase A: K^T, V rows and the p2c table of these heads, by chunks of keys; mean of V per head.
+    parallel_tasks<int>(count * n_chunks + (uniform_rows ? count : 0), [&](int64_t task, int&) {
+      if (task >= count * n_chunks) {
+        const int64_t gi = task - count * n_chunks, bh = h0 + gi;
+        const T* vh = v.at(bh / H, bh % H);
+        float* mv = mean_v.data() + gi * Dv;
+        for (int64_t d = 0; d < Dv; ++d) {
+          float sum = 0.f;
+          for (int64_t j = 0; j < N; ++j) sum += static_cast<float>(vh[j * v.s2 + d * v.s3]);
+          mv[d] = sum / static_cast<float>(N);
+        }
+        return;
+      }
+      const int64_t gi = task / n_chunks, chunk = task % n_chunks, bh = h0 + gi, b = bh / H, h = bh % H;
+      const int64_t c0 = chunk * kPackChunk, c1 = std::min(L, c0 + kPackChunk);
+      const int64_t k0 = chunk == 0 ? 0 : P + c0, k1 = P + c1;  // the first chunk also packs the prefix keys
+      float* kth = kt.data() + gi * D * ldN;
+      pack_transposed(k.at(b, h) + k0 * k.s2, k.s2, k.s3, k1 - k0, D, 1.f, kth + k0, ldN);
+      if (pack_v) {
+        pack_rows(v.at(b, h) + k0 * v.s2, v.s2, v.s3, k1 - k0, Dv, 1.f, vrows.data() + (gi * N + k0) * Dv, Dv);
+      }
+      if (g.p2c) {
+        const int64_t pb = g.pos_query_batch == 1 ? 0 : b;
+        gemm_rr(W, c1 - c0, D, pq_rev.data() + (pb * H + h) * W * D, D, kth + P + c0, ldN,
+                p2c.data() + gi * W * ldL + c0, ldL, false);
+      }
+    });
+
+    // Phase B: one task per (head, block of query rows).
+    parallel_tasks<ForwardWorker>(count * n_blocks, [&](int64_t task, ForwardWorker& w) {
+      w.init(g);
+      const int64_t gi = task / n_blocks, blk = task % n_blocks, bh = h0 + gi, b = bh / H, h = bh % H;
+      const int64_t i0 = blk * kBlockRows, bm = std::min(kBlockRows, L - i0);
+      float* qs = w.qs.data();
+      pack_rows(q.at(b, h) + i0 * q.s2, q.s2, q.s3, bm, D, g.scale, qs, D);
+      const float* kth = kt.data() + gi * D * ldN;
+      const Rows vr = rows_view(v, b, h, vrows.data() + gi * N * Dv, Dv);
+      float* S = w.scores.data();
+      float* acc = w.acc.data();
+      float* col_ok = w.col_ok.data();
+      float* m = w.row_max.data();
+      float* l = w.row_sum.data();
+      std::memset(acc, 0, sizeof(float) * bm * Dv);
+      bool row_ok[kBlockRows];
+      int64_t valid_rows = 0;
+      for (int64_t r = 0; r < bm; ++r) {
+        m[r] = kNegInf;
+        l[r] = 0.f;
+        row_ok[r] = mask.ok(b, i0 + r);
+        valid_rows += row_ok[r];
+      }
+      float* c2p_blk = w.c2p.data();
+      if (g.c2p && valid_rows > 0) {
+        const int64_t pb = g.pos_key_batch == 1 ? 0 : b;
+        gemm_rr(bm, W, D, qs, D, pk_t_rev.data() + (pb * H + h) * D * W, W, c2p_blk, W, false);
+      }
+
+      // Prefix keys: valid for every query, no positional term.
+      for (int64_t p0 = 0; p0 < P; p0 += kBlockCols) {
+        const int64_t pn = std::min(kBlockCols, P - p0), pnp = round_up(pn, vw);
+        gemm_rr(bm, pn, D, qs, D, kth + p0, ldN, S, ldS, false);
+        for (int64_t c = 0; c < pnp; ++c) col_ok[c] = c < pn ? 1.f : 0.f;
+        for (int64_t r = 0; r < bm; ++r) {
+          float* row = S + r * ldS;
+          const float mx = add_positions_and_mask(row, pnp, nullptr, col_ok);
+          online_update(row, pnp, mx, m[r], l[r], acc + r * Dv, Dv);
+        }
+        gemm_rr(bm, Dv, pn, S, ldS, vr.row(p0), vr.ld, acc, Dv, true);
+      }
+
+      // Content keys.
+      const float* p2c_head = g.p2c ? p2c.data() + gi * W * ldL : nullptr;
+      for (int64_t j0 = 0; valid_rows > 0 && j0 < L; j0 += kBlockCols) {
+        const int64_t bn = std::min(kBlockCols, L - j0), bnp = round_up(bn, vw);
+        if (mask.count(b, j0, j0 + bn) == 0) continue;  // every pair masked: contributes exactly nothing
+        gemm_rr(bm, bn, D, qs, D, kth + P + j0, ldN, S, ldS, false);
+        mask.fill(b, j0, bn, bnp, col_ok);
+        RowPositions rp;
+        if (g.positions()) {
+          rp.kind = slots.query_rows.classify(i0, bm, j0, bnp);
+          rp.col_table = p2c_head ? p2c_head + j0 : nullptr;
+          rp.col_ld = ldL;
+        }
+        for (int64_t r = 0; r < bm; ++r) {
+          float* row = S + r * ldS;
+          if (!row_ok[r]) {
+            std::memset(row, 0, sizeof(float) * bnp);
+            continue;
+          }
+          if (g.positions()) {
+            rp.sigma = slots.query_rows.row_ptr(i0 + r, j0);
+            rp.row_term = g.c2p ? c2p_blk + r * W : nullptr;
+          }
+          const float mx = add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok);
+          online_update(row, bnp, mx, m[r], l[r], acc + r * Dv, Dv);
+        }
+        gemm_rr(bm, Dv, bn, S, ldS, vr.row(P + j0), vr.ld, acc, Dv, true);
+      }
+
+      for (int64_t r = 0; r < bm; ++r) {
+        const int64_t i = i0 + r;
+        T* o = out + ((b * L + i) * H + h) * Dv;
+        float* row_lse = lse + bh * L + i;
+        if (l[r] > 0.f) {
+          const float inv = 1.f / l[r];
+          for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(acc[r * Dv + d] * inv);
+          *row_lse = m[r] + std::log(l[r]);
+        } else {
+          TORCH_CHECK(uniform_rows, "deberta_fast_cpu: a score row without any valid key");
+          const float* mv = mean_v.data() + gi * Dv;
+          for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(mv[d]);
+          *row_lse = std::numeric_limits<float>::infinity();
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> disentangled_attention_forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& pos_key,
+    const std::optional<at::Tensor>& pos_query, const std::optional<at::Tensor>& token_mask,
+    const std::optional<at::Tensor>& slot_table, double softmax_scale, int64_t num_prefix_keys) {
+  Geometry g = make_geometry(query, key, value, pos_key, pos_query, token_mask, slot_table, softmax_scale,
+                             num_prefix_keys);
+  const int64_t table_rows = pos_key ? pos_key->size(2) : (pos_query ? pos_query->size(2) : 0);
+  TORCH_CHECK(!(pos_key && pos_query) || pos_key->size(2) == pos_query->size(2),
+              "deberta_fast_cpu: pos_key and pos_query must have the same number of slots");
+  const Slots slots(g, slot_table, table_rows, /*need_key_rows=*/false);
+  const TokenMask mask(g, token_mask);
+  // Stored [B, L, H, Dv]: the [B, H, L, Dv] result is a permuted view, and merging heads back is free.
+  at::Tensor out = at::empty({g.batch, g.length, g.heads, g.value_dim}, query.options());
+  at::Tensor lse = at::empty({g.batch, g.heads, g.length}, query.options().dtype(at::kFloat));
+  if (g.batch * g.heads * g.length > 0) {
+    AT_DISPATCH_SWITCH(query.scalar_type(), "deberta_fast_cpu::disentangled_attention_forward",
+                       AT_DISPATCH_CASE(at::kFloat, [&] {
+                         forward_kernel<scalar_t>(g, slots, mask, query, key, value, pos_key, pos_query,
+                                                  out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+                       }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                         forward_kernel<scalar_t>(g, slots, mask, query, key, value, pos_key, pos_query,
+                                                  out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+                       }) AT_DISPATCH_CASE(at::kHalf, [&] {
+                         forward_kernel<scalar_t>(g, slots, mask, query, key, value, pos_key, pos_query,
+                                                  out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+                       }));
+  }
+  return {out.permute({0, 2, 1, 3}), lse};
+}
+
+}  // namespace deberta_fast_cpu
