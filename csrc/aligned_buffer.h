@@ -13,7 +13,7 @@ template <typename T>
 class AlignedBuffer {
  public:
   AlignedBuffer() = default;
-  explicit AlignedBuffer(int64_t count) { reset(count); }
+  explicit AlignedBuffer(int64_t count, bool zero = true) { reset(count, zero); }
   AlignedBuffer(const AlignedBuffer&) = delete;
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
   AlignedBuffer(AlignedBuffer&& other) noexcept : data_(other.data_), size_(other.size_) {
@@ -32,8 +32,9 @@ class AlignedBuffer {
   }
   ~AlignedBuffer() { std::free(data_); }
 
-  // Makes room for `count` elements, all zero (zero padding keeps unused tile columns finite).
-  void reset(int64_t count) {
+  // Makes room for `count` elements, zero unless `zero` is false (buffers that are written before every read skip
+  // it; zero padding keeps unused tile columns finite elsewhere).
+  void reset(int64_t count, bool zero = true) {
     std::free(data_);
     data_ = nullptr;
     size_ = count;
@@ -43,7 +44,7 @@ class AlignedBuffer {
     const size_t bytes = ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64;
     data_ = static_cast<T*>(std::aligned_alloc(64, bytes));
     TORCH_CHECK(data_ != nullptr, "deberta_fast_cpu: out of memory allocating ", bytes, " bytes of scratch");
-    std::memset(data_, 0, bytes);
+    if (zero) std::memset(data_, 0, bytes);
   }
 
   T* data() { return data_; }
@@ -57,5 +58,9 @@ class AlignedBuffer {
 
 // Rounds n up to a multiple of m.
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// A row pitch of at least n floats that is not a multiple of 256 floats: rows of power-of-two pitch map to the same
+// few L1 sets and evict each other when a kernel walks down a column.
+inline int64_t padded_pitch(int64_t n) { return round_up(n, 16) + 16; }
 
 }  // namespace deberta_fast_cpu

@@ -71,7 +71,7 @@ struct Slots {
   SlotIndex query_rows, key_rows;
 
   // table_rows: 2S, the number of rows of the positional tables; every slot must index one of them.
-  Slots(Geometry& g, const std::optional<at::Tensor>& slot_table, int64_t table_rows, bool need_key_rows) {
+  Slots(Geometry& g, const std::optional<at::Tensor>& slot_table, int64_t table_rows) {
     if (!g.positions()) return;
     const at::Tensor slots = slot_table->to(at::kInt).contiguous();
     const int32_t* s = slots.data_ptr<int32_t>();
@@ -81,7 +81,7 @@ struct Slots {
     g.slot_lo = s[0];
     g.window = static_cast<int64_t>(s[n - 1]) - s[0] + 1;
     query_rows = SlotIndex(s, g.length, g.slot_lo, g.window, /*rows_are_queries=*/true);
-    if (need_key_rows) key_rows = SlotIndex(s, g.length, g.slot_lo, g.window, /*rows_are_queries=*/false);
+    key_rows = SlotIndex(s, g.length, g.slot_lo, g.window, /*rows_are_queries=*/false);
   }
 };
 
@@ -145,6 +145,26 @@ AlignedBuffer<float> pack_window(const at::Tensor& table, const Geometry& g, boo
   return out;
 }
 
+// Operands read as the right-hand side of tile products are stored transposed in panels of kBlockCols tokens:
+// panel p holds tokens [p * kBlockCols, (p + 1) * kBlockCols) as [dim][kBlockCols], so the tile of tokens starting at
+// a multiple of kBlockCols is one dense [dim, kBlockCols] block (leading dimension kBlockCols).
+inline int64_t panels_size(int64_t tokens, int64_t dim) { return round_up(tokens, kBlockCols) * dim; }
+inline const float* panel_at(const float* panels, int64_t dim, int64_t token0) {
+  return panels + (token0 / kBlockCols) * dim * kBlockCols;
+}
+
+// Packs tokens [t0, t1) of src (token stride rs, feature stride cs), times scale, into panels.
+template <typename T>
+void pack_panels(const T* src, int64_t rs, int64_t cs, int64_t t0, int64_t t1, int64_t dim, float scale,
+                 float* panels) {
+  for (int64_t t = t0; t < t1;) {
+    const int64_t within = t % kBlockCols, n = std::min(t1 - t, kBlockCols - within);
+    pack_transposed(src + t * rs, rs, cs, n, dim, scale, panels + (t / kBlockCols) * dim * kBlockCols + within,
+                    kBlockCols);
+    t += n;
+  }
+}
+
 // Runs fn(task, worker_state) for task in [0, n) on at::parallel_for threads with a shared counter, so uneven
 // tasks balance. Which thread runs a task never changes what the task computes.
 template <typename State, typename Fn>
@@ -158,11 +178,13 @@ void parallel_tasks(int64_t n, const Fn& fn) {
   });
 }
 
-// Heads processed together: enough to keep every thread busy, few enough to bound the per-head workspace.
+// Heads processed together: two per thread keeps every thread busy with little idling at the group barrier, and a
+// small group keeps the per-head workspace in cache; short sequences take more heads per group (fewer barriers).
+// The grouping never changes what a task computes.
 inline int64_t heads_per_group(int64_t total_heads, int64_t bytes_per_head) {
-  constexpr int64_t kBudget = int64_t(64) << 20;
+  constexpr int64_t kSmallGroupBytes = int64_t(8) << 20;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t by_budget = std::max<int64_t>(1, kBudget / std::max<int64_t>(1, bytes_per_head));
+  const int64_t by_budget = kSmallGroupBytes / std::max<int64_t>(1, bytes_per_head);
   return std::max<int64_t>(1, std::min(total_heads, std::max(2 * threads, by_budget)));
 }
 

@@ -8,8 +8,9 @@
 //   dV_j  = sum_i P_ij dO_i  (+ the mean of dO over rows that average V)
 //   dPq   = s sum_j H[j, .]^T K_j                                          per fixed chunk of 256 keys, summed
 // Both passes recompute the scores tile by tile from the saved log-sum-exp. Per group of heads, phase A packs the
-// transposed operands and the two positional tables (p2c [W, L] for query rows, c2p [W, L] for key rows), phase B
-// runs both passes' tasks, phase C adds the per-chunk positional partials in chunk order.
+// transposed operands and the two positional tables, c2p [L, W] (query-major, query-row slot order) and p2c [L, W]
+// (key-major, key-row slot order): each pass reads its own rows' table along the row and the other table column by
+// column (score_rows.h). Phase B runs both passes' tasks, phase C adds the per-chunk positional partials in order.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -27,7 +28,7 @@ namespace deberta_fast_cpu {
 namespace {
 
 struct BackwardWorker {
-  AlignedBuffer<float> scores, grads, row_pos, slot_grad, slot_grad_t, acc, acc_v, col_ok;
+  AlignedBuffer<float> scores, grads, slot_grad, slot_grad_t, acc, acc_v, col_ok, col_scratch, col_terms;
   bool ready = false;
 
   void init(const Geometry& g) {
@@ -36,12 +37,13 @@ struct BackwardWorker {
     const int64_t cols = round_up(kBlockCols, 16);
     scores.reset(kBlockRows * cols);
     grads.reset(kBlockRows * cols);
-    row_pos.reset(g.positions() ? kBlockRows * g.window : 0);
     slot_grad.reset(g.positions() ? kBlockRows * g.window : 0);
     slot_grad_t.reset(g.positions() ? g.window * kBlockRows : 0);
     acc.reset(kBlockRows * g.head_dim);
     acc_v.reset(kBlockRows * g.value_dim);
     col_ok.reset(cols);
+    col_scratch.reset(g.positions() ? kBlockCols * round_up(kBlockRows, 16) : 0);
+    col_terms.reset(g.positions() ? kBlockRows * cols : 0);
   }
 };
 
@@ -63,40 +65,41 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
                      const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, T* dq,
                      T* dk, T* dv, float* dpk_acc, float* dpq_acc) {
   const int64_t H = g.heads, L = g.length, P = g.prefix, N = g.keys, D = g.head_dim, Dv = g.value_dim, W = g.window;
-  const int64_t ldN = round_up(N, 16), ldL = round_up(L, 16), ldS = round_up(kBlockCols, 16);
+  const int64_t ldL = round_up(L, 16), ldS = round_up(kBlockCols, 16), ldW = padded_pitch(W);
   const int64_t vw = vec_width();
   const float inf = std::numeric_limits<float>::infinity();
 
   // Positional windows. Query rows read slots in reversed order (slot_index.h), key rows in natural order.
-  AlignedBuffer<float> pk_t_rev, pk_rev, pk_nat, pq_rev, pq_t_nat, pq_nat;
+  AlignedBuffer<float> pk_t_rev, pk_rev, pq_t, pq;
   if (g.c2p) {
-    pk_t_rev = pack_window<T>(*pos_key, g, true, true, 1.f);   // [D, W]: c2p scores of a query block
+    pk_t_rev = pack_window<T>(*pos_key, g, true, true, 1.f);   // [D, W]: c2p table
     pk_rev = pack_window<T>(*pos_key, g, true, false, 1.f);    // [W, D]: dQ += G Pk
-    pk_nat = pack_window<T>(*pos_key, g, false, false, 1.f);   // [W, D]: c2p table of the key-stationary pass
   }
   if (g.p2c) {
-    pq_rev = pack_window<T>(*pos_query, g, true, false, g.scale);     // [W, D]: p2c table of the query pass
-    pq_t_nat = pack_window<T>(*pos_query, g, false, true, g.scale);   // [D, W]: p2c scores of a key block
-    pq_nat = pack_window<T>(*pos_query, g, false, false, g.scale);    // [W, D]: dK += H Pq
+    pq_t = pack_window<T>(*pos_query, g, false, true, g.scale);   // [D, W]: p2c table
+    pq = pack_window<T>(*pos_query, g, false, false, g.scale);    // [W, D]: dK += H Pq
   }
 
   const bool pack_k = needs_row_pack(in.k), pack_v = needs_row_pack(in.v), pack_do = needs_row_pack(in.dout);
   const bool uniform_rows = mask.present && P == 0;
   const int64_t n_chunks = (L + kChunkRows - 1) / kChunkRows;
   const int64_t n_prefix_chunks = (P + kChunkRows - 1) / kChunkRows;
+  // Per head: K^T and V^T panels (content, then prefix), Q^T (scaled) and dO^T panels, rows where needed.
+  const int64_t kt_size = panels_size(L, D) + panels_size(P, D), vt_size = panels_size(L, Dv) + panels_size(P, Dv);
+  const int64_t qt_size = panels_size(L, D), dot_size = panels_size(L, Dv);
   const int64_t per_head =
       int64_t(sizeof(float)) *
-      ((D + Dv) * ldN + (pack_k ? N * D : 0) + (pack_v ? N * Dv : 0) + L * D + (D + Dv) * ldL +
-       (pack_do ? L * Dv : 0) + 2 * ldL + (g.p2c ? W * ldL : 0) + (g.c2p ? W * ldL : 0) + Dv +
-       2 * n_chunks * W * D);
+      (kt_size + vt_size + qt_size + dot_size + (pack_k ? N * D : 0) + (pack_v ? N * Dv : 0) + L * D +
+       (pack_do ? L * Dv : 0) + 2 * ldL + (g.p2c ? L * ldW : 0) + (g.c2p ? L * ldW : 0) + 2 * n_chunks * W * D);
   const int64_t total = g.batch * H;
   const int64_t G = heads_per_group(total, per_head);
 
-  AlignedBuffer<float> kt(G * D * ldN), vt(G * Dv * ldN), krows(pack_k ? G * N * D : 0),
-      vrows(pack_v ? G * N * Dv : 0), qs(G * L * D), qst(G * D * ldL), dorows(pack_do ? G * L * Dv : 0),
-      dot(G * Dv * ldL), lse_pad(G * ldL), delta_pad(G * ldL), tab_q(g.p2c ? G * W * ldL : 0),
-      tab_k(g.c2p ? G * W * ldL : 0), uniform(uniform_rows ? G * Dv : 0),
-      dpk_part(g.c2p ? G * n_chunks * W * D : 0), dpq_part(g.p2c ? G * n_chunks * W * D : 0);
+  AlignedBuffer<float> kt(G * kt_size, false), vt(G * vt_size, false), krows(pack_k ? G * N * D : 0, false),
+      vrows(pack_v ? G * N * Dv : 0, false), qs(G * L * D, false), qst(G * qt_size, false),
+      dorows(pack_do ? G * L * Dv : 0, false), dot(G * dot_size, false), lse_pad(G * ldL, false),
+      delta_pad(G * ldL, false), tab_p2c(g.p2c ? G * L * ldW : 0, false), tab_c2p(g.c2p ? G * L * ldW : 0, false),
+      p2c_edges(g.p2c ? G * 2 * ldL : 0), c2p_edges(g.c2p ? G * 2 * ldL : 0), uniform(uniform_rows ? G * Dv : 0),
+      dpk_part(g.c2p ? G * n_chunks * W * D : 0, false), dpq_part(g.p2c ? G * n_chunks * W * D : 0, false);
 
   for (int64_t h0 = 0; h0 < total; h0 += G) {
     const int64_t count = std::min(G, total - h0);
@@ -119,11 +122,16 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
       const int64_t gi = task / n_chunks, chunk = task % n_chunks, bh = h0 + gi, b = bh / H, h = bh % H;
       const int64_t c0 = chunk * kChunkRows, c1 = std::min(L, c0 + kChunkRows), n = c1 - c0;
       const int64_t k0 = chunk == 0 ? 0 : P + c0, k1 = P + c1;
-      float* kth = kt.data() + gi * D * ldN;
       const T* kh = in.k.at(b, h);
       const T* vh = in.v.at(b, h);
-      pack_transposed(kh + k0 * in.k.s2, in.k.s2, in.k.s3, k1 - k0, D, 1.f, kth + k0, ldN);
-      pack_transposed(vh + k0 * in.v.s2, in.v.s2, in.v.s3, k1 - k0, Dv, 1.f, vt.data() + gi * Dv * ldN + k0, ldN);
+      float* kt_head = kt.data() + gi * kt_size;
+      float* vt_head = vt.data() + gi * vt_size;
+      pack_panels(kh + P * in.k.s2, in.k.s2, in.k.s3, c0, c1, D, 1.f, kt_head);
+      pack_panels(vh + P * in.v.s2, in.v.s2, in.v.s3, c0, c1, Dv, 1.f, vt_head);
+      if (chunk == 0 && P > 0) {
+        pack_panels(kh, in.k.s2, in.k.s3, 0, P, D, 1.f, kt_head + panels_size(L, D));
+        pack_panels(vh, in.v.s2, in.v.s3, 0, P, Dv, 1.f, vt_head + panels_size(L, Dv));
+      }
       if (pack_k) pack_rows(kh + k0 * in.k.s2, in.k.s2, in.k.s3, k1 - k0, D, 1.f, krows.data() + (gi * N + k0) * D, D);
       if (pack_v) {
         pack_rows(vh + k0 * in.v.s2, in.v.s2, in.v.s3, k1 - k0, Dv, 1.f, vrows.data() + (gi * N + k0) * Dv, Dv);
@@ -132,10 +140,9 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
       const T* doh = in.dout.at(b, h);
       const T* oh = in.out.at(b, h);
       float* qsh = qs.data() + gi * L * D;
-      float* qsth = qst.data() + gi * D * ldL;
       pack_rows(qh + c0 * in.q.s2, in.q.s2, in.q.s3, n, D, g.scale, qsh + c0 * D, D);
-      pack_transposed(qh + c0 * in.q.s2, in.q.s2, in.q.s3, n, D, g.scale, qsth + c0, ldL);
-      pack_transposed(doh + c0 * in.dout.s2, in.dout.s2, in.dout.s3, n, Dv, 1.f, dot.data() + gi * Dv * ldL + c0, ldL);
+      pack_panels(qh, in.q.s2, in.q.s3, c0, c1, D, g.scale, qst.data() + gi * qt_size);
+      pack_panels(doh, in.dout.s2, in.dout.s3, c0, c1, Dv, 1.f, dot.data() + gi * dot_size);
       if (pack_do) {
         pack_rows(doh + c0 * in.dout.s2, in.dout.s2, in.dout.s3, n, Dv, 1.f, dorows.data() + (gi * L + c0) * Dv, Dv);
       }
@@ -157,14 +164,17 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
         }
       }
       if (g.p2c) {
+        const Rows kr = rows_view(in.k, b, h, krows.data() + gi * N * D, D);
         const int64_t pb = g.pos_query_batch == 1 ? 0 : b;
-        gemm_rr(W, n, D, pq_rev.data() + (pb * H + h) * W * D, D, kth + P + c0, ldN,
-                tab_q.data() + gi * W * ldL + c0, ldL, false);
+        float* table = tab_p2c.data() + gi * L * ldW;
+        gemm_rr(n, W, D, kr.row(P + c0), kr.ld, pq_t.data() + (pb * H + h) * D * W, W, table + c0 * ldW, ldW, false);
+        copy_table_edges(table, ldW, W, c0, c1, p2c_edges.data() + gi * 2 * ldL, ldL);
       }
       if (g.c2p) {
         const int64_t pb = g.pos_key_batch == 1 ? 0 : b;
-        gemm_rr(W, n, D, pk_nat.data() + (pb * H + h) * W * D, D, qsth + c0, ldL, tab_k.data() + gi * W * ldL + c0,
-                ldL, false);
+        float* table = tab_c2p.data() + gi * L * ldW;
+        gemm_rr(n, W, D, qsh + c0 * D, D, pk_t_rev.data() + (pb * H + h) * D * W, W, table + c0 * ldW, ldW, false);
+        copy_table_edges(table, ldW, W, c0, c1, c2p_edges.data() + gi * 2 * ldL, ldL);
       }
     });
 
@@ -179,15 +189,16 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
       if (task < n_query_tasks) {
         // ---- query rows: dQ and the c2p partial of this chunk ----
         const int64_t gi = task / n_chunks, chunk = task % n_chunks, bh = h0 + gi, b = bh / H, h = bh % H;
-        const float* kth = kt.data() + gi * D * ldN;
-        const float* vth = vt.data() + gi * Dv * ldN;
+        const float* kt_head = kt.data() + gi * kt_size;
+        const float* vt_head = vt.data() + gi * vt_size;
         const Rows kr = rows_view(in.k, b, h, krows.data() + gi * N * D, D);
         const Rows dor = rows_view(in.dout, b, h, dorows.data() + gi * L * Dv, Dv);
         const float* lp = lse_pad.data() + gi * ldL;
         const float* dl = delta_pad.data() + gi * ldL;
         float* partial = g.c2p ? dpk_part.data() + (gi * n_chunks + chunk) * W * D : nullptr;
         if (partial) std::memset(partial, 0, sizeof(float) * W * D);
-        const float* p2c_head = g.p2c ? tab_q.data() + gi * W * ldL : nullptr;
+        const float* p2c_head = g.p2c ? tab_p2c.data() + gi * L * ldW : nullptr;
+        const float* c2p_head = g.c2p ? tab_c2p.data() + gi * L * ldW : nullptr;
         const int64_t pb = g.pos_key_batch == 1 ? 0 : b;
         const int64_t r_end = std::min(L, (chunk + 1) * kChunkRows);
         for (int64_t i0 = chunk * kChunkRows; i0 < r_end; i0 += kBlockRows) {
@@ -202,16 +213,13 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
             row_ok[r] = mask.ok(b, i0 + r);
             valid_rows += row_ok[r];
           }
-          float* c2p_blk = w.row_pos.data();
           float* gsl = w.slot_grad.data();
-          if (g.c2p && valid_rows > 0) {
-            gemm_rr(bm, W, D, qsb, D, pk_t_rev.data() + (pb * H + h) * D * W, W, c2p_blk, W, false);
-            std::memset(gsl, 0, sizeof(float) * bm * W);
-          }
+          if (g.c2p && valid_rows > 0) std::memset(gsl, 0, sizeof(float) * bm * W);
           for (int64_t p0 = 0; p0 < P; p0 += kBlockCols) {
             const int64_t pn = std::min(kBlockCols, P - p0), pnp = round_up(pn, vw);
-            gemm_rr(bm, pn, D, qsb, D, kth + p0, ldN, S, ldS, false);
-            gemm_rr(bm, pn, Dv, dob, dor.ld, vth + p0, ldN, dP, ldS, false);
+            gemm_rr(bm, pn, D, qsb, D, panel_at(kt_head + panels_size(L, D), D, p0), kBlockCols, S, ldS, false);
+            gemm_rr(bm, pn, Dv, dob, dor.ld, panel_at(vt_head + panels_size(L, Dv), Dv, p0), kBlockCols, dP, ldS,
+                    false);
             for (int64_t c = 0; c < pnp; ++c) col_ok[c] = c < pn ? 1.f : 0.f;
             for (int64_t r = 0; r < bm; ++r) {
               add_positions_and_mask(S + r * ldS, pnp, nullptr, col_ok);
@@ -222,14 +230,19 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
           for (int64_t j0 = 0; valid_rows > 0 && j0 < L; j0 += kBlockCols) {
             const int64_t bn = std::min(kBlockCols, L - j0), bnp = round_up(bn, vw);
             if (mask.count(b, j0, j0 + bn) == 0) continue;
-            gemm_rr(bm, bn, D, qsb, D, kth + P + j0, ldN, S, ldS, false);
-            gemm_rr(bm, bn, Dv, dob, dor.ld, vth + P + j0, ldN, dP, ldS, false);
+            gemm_rr(bm, bn, D, qsb, D, panel_at(kt_head, D, j0), kBlockCols, S, ldS, false);
+            gemm_rr(bm, bn, Dv, dob, dor.ld, panel_at(vt_head, Dv, j0), kBlockCols, dP, ldS, false);
             mask.fill(b, j0, bn, bnp, col_ok);
             RowPositions rp;
+            const float* col_terms = nullptr;
+            int64_t col_stride = 0;
             if (g.positions()) {
               rp.kind = slots.query_rows.classify(i0, bm, j0, bnp);
-              rp.col_table = p2c_head ? p2c_head + j0 : nullptr;
-              rp.col_ld = ldL;
+              if (g.p2c) {
+                col_terms = build_column_terms(p2c_head, ldW, W, p2c_edges.data() + gi * 2 * ldL, ldL,
+                                               slots.key_rows, rp.kind, i0, bm, j0, bn, w.col_scratch.data(),
+                                               w.col_terms.data(), ldS, &col_stride);
+              }
             }
             for (int64_t r = 0; r < bm; ++r) {
               float* row = S + r * ldS;
@@ -239,7 +252,8 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
               }
               if (g.positions()) {
                 rp.sigma = slots.query_rows.row_ptr(i0 + r, j0);
-                rp.row_term = g.c2p ? c2p_blk + r * W : nullptr;
+                rp.row_term = g.c2p ? c2p_head + (i0 + r) * ldW : nullptr;
+                rp.col_term = g.p2c ? col_terms + r * col_stride : nullptr;
               }
               add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok);
               score_grad_row(row, dP + r * ldS, bnp, lp[i0 + r], dl[i0 + r]);
@@ -267,16 +281,17 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
       const Rows vr = rows_view(in.v, b, h, vrows.data() + gi * N * Dv, Dv);
       const Rows dor = rows_view(in.dout, b, h, dorows.data() + gi * L * Dv, Dv);
       const float* qsh = qs.data() + gi * L * D;
-      const float* qsth = qst.data() + gi * D * ldL;
-      const float* doth = dot.data() + gi * Dv * ldL;
+      const float* qst_head = qst.data() + gi * qt_size;
+      const float* dot_head = dot.data() + gi * dot_size;
       const float* lp = lse_pad.data() + gi * ldL;
       const float* dl = delta_pad.data() + gi * ldL;
       const bool pos = !prefix_task && g.positions();
       float* partial = (!prefix_task && g.p2c) ? dpq_part.data() + (gi * n_chunks + chunk) * W * D : nullptr;
       if (partial) std::memset(partial, 0, sizeof(float) * W * D);
-      const float* c2p_head = g.c2p ? tab_k.data() + gi * W * ldL : nullptr;
+      const float* c2p_head = g.c2p ? tab_c2p.data() + gi * L * ldW : nullptr;
+      const float* p2c_head = g.p2c ? tab_p2c.data() + gi * L * ldW : nullptr;
       const int64_t pb = g.pos_query_batch == 1 ? 0 : b;
-      const int64_t offset = prefix_task ? 0 : P;  // key index of content key 0
+      const int64_t offset = prefix_task ? 0 : P;  // key index of row 0 of this span
       const int64_t span = prefix_task ? P : L;
       const int64_t r_end = std::min(span, (chunk + 1) * kChunkRows);
       for (int64_t j0 = chunk * kChunkRows; j0 < r_end; j0 += kBlockRows) {
@@ -293,28 +308,29 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
           key_ok[r] = prefix_task || mask.ok(b, j0 + r);
           valid_keys += key_ok[r];
         }
-        float* p2c_blk = w.row_pos.data();
         float* hsl = w.slot_grad.data();
-        if (g.p2c && pos && valid_keys > 0) {
-          gemm_rr(bn, W, D, kb, kr.ld, pq_t_nat.data() + (pb * H + h) * D * W, W, p2c_blk, W, false);
-          std::memset(hsl, 0, sizeof(float) * bn * W);
-        }
+        if (g.p2c && pos && valid_keys > 0) std::memset(hsl, 0, sizeof(float) * bn * W);
         for (int64_t i0 = 0; valid_keys > 0 && i0 < L; i0 += kBlockCols) {
           const int64_t bq = std::min(kBlockCols, L - i0), bqp = round_up(bq, vw);
           // Prefix keys serve every query; content keys only real queries.
           if (!prefix_task && mask.count(b, i0, i0 + bq) == 0) continue;
-          gemm_rr(bn, bq, D, kb, kr.ld, qsth + i0, ldL, S, ldS, false);
-          gemm_rr(bn, bq, Dv, vb, vr.ld, doth + i0, ldL, dP, ldS, false);
+          gemm_rr(bn, bq, D, kb, kr.ld, panel_at(qst_head, D, i0), kBlockCols, S, ldS, false);
+          gemm_rr(bn, bq, Dv, vb, vr.ld, panel_at(dot_head, Dv, i0), kBlockCols, dP, ldS, false);
           if (prefix_task) {
             for (int64_t c = 0; c < bqp; ++c) col_ok[c] = c < bq ? 1.f : 0.f;
           } else {
             mask.fill(b, i0, bq, bqp, col_ok);
           }
           RowPositions rp;
+          const float* col_terms = nullptr;
+          int64_t col_stride = 0;
           if (pos) {
             rp.kind = slots.key_rows.classify(j0, bn, i0, bqp);
-            rp.col_table = c2p_head ? c2p_head + i0 : nullptr;
-            rp.col_ld = ldL;
+            if (g.c2p) {
+              col_terms = build_column_terms(c2p_head, ldW, W, c2p_edges.data() + gi * 2 * ldL, ldL,
+                                             slots.query_rows, rp.kind, j0, bn, i0, bq, w.col_scratch.data(),
+                                             w.col_terms.data(), ldS, &col_stride);
+            }
           }
           for (int64_t r = 0; r < bn; ++r) {
             float* row = S + r * ldS;
@@ -326,7 +342,8 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
             }
             if (pos) {
               rp.sigma = slots.key_rows.row_ptr(j0 + r, i0);
-              rp.row_term = g.p2c ? p2c_blk + r * W : nullptr;
+              rp.row_term = g.p2c ? p2c_head + (j0 + r) * ldW : nullptr;
+              rp.col_term = g.c2p ? col_terms + r * col_stride : nullptr;
             }
             add_positions_and_mask(row, bqp, pos ? &rp : nullptr, col_ok);
             score_grad_row_transposed(row, grow, bqp, lp + i0, dl + i0);
@@ -336,7 +353,7 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
           gemm_rr(bn, D, bq, dP, ldS, qsh + i0 * D, D, acc, D, true);
         }
         if (g.p2c && pos && valid_keys > 0) {
-          gemm_rr(bn, D, W, hsl, W, pq_nat.data() + (pb * H + h) * W * D, D, acc, D, true);
+          gemm_rr(bn, D, W, hsl, W, pq.data() + (pb * H + h) * W * D, D, acc, D, true);
           float* ht = w.slot_grad_t.data();
           transpose_block(hsl, W, bn, W, ht, kBlockRows);
           gemm_rr(W, D, bn, ht, kBlockRows, kb, kr.ld, partial, D, true);
@@ -408,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
                   lse.size(1) == g.heads && lse.size(2) == g.length,
               "deberta_fast_cpu: lse must be float32 [B, H, L]");
   const int64_t table_rows = pos_key ? pos_key->size(2) : (pos_query ? pos_query->size(2) : 0);
-  const Slots slots(g, slot_table, table_rows, /*need_key_rows=*/true);
+  const Slots slots(g, slot_table, table_rows);
   const TokenMask mask(g, token_mask);
   const at::Tensor lse_c = lse.contiguous();
 

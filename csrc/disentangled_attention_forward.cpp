@@ -1,11 +1,13 @@
 // Forward pass: query-stationary tiles with an online softmax.
 //
-// Per group of heads, phase A packs K^T (and V when it is not fp32 rows) and the p2c table
-//   p2c[sigma, j] = s Pq[slot(sigma)] . K_j       [W, L], W <= 2S slots,
+// Per group of heads, phase A packs K^T in panels (and V, K rows when they are not fp32 rows) and the key-major
+// p2c table
+//   p2c[j, tau] = s K_j . Pq[lo + tau]        [L, W], W <= 2S slots reachable at this length,
 // then phase B runs one task per (head, block of 64 queries): the block's c2p scores against every slot of the window
-// (Q_blk Pk^T, [64, W]), then for each block of 128 keys the content scores Q_blk K_blk^T with the positional terms
-// picked per element (constant / linear / general tiles, see slot_index.h), masking and the online softmax update
-// of the running output. The log-sum-exp of every row is saved for the backward pass.
+// (Q_blk Pk^T, [64, W]), then for each block of 128 keys the content scores Q_blk K_blk^T plus the positional terms
+// (c2p picked along each query row, p2c built key by key and transposed; constant / linear / general tiles, see
+// slot_index.h), masking and the online softmax update of the running output. The log-sum-exp of every row is
+// saved for the backward pass.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
@@ -24,7 +26,7 @@ namespace {
 constexpr int64_t kPackChunk = 256;
 
 struct ForwardWorker {
-  AlignedBuffer<float> qs, c2p, scores, acc, col_ok, row_max, row_sum;
+  AlignedBuffer<float> qs, c2p, scores, acc, col_ok, row_max, row_sum, col_scratch, col_terms;
   bool ready = false;
 
   void init(const Geometry& g) {
@@ -32,12 +34,14 @@ struct ForwardWorker {
     ready = true;
     const int64_t cols = round_up(kBlockCols, 16);
     qs.reset(kBlockRows * g.head_dim);
-    c2p.reset(g.c2p ? kBlockRows * g.window : 0);
+    c2p.reset(g.c2p ? kBlockRows * padded_pitch(g.window) : 0);
     scores.reset(kBlockRows * cols);
     acc.reset(kBlockRows * g.value_dim);
     col_ok.reset(cols);
     row_max.reset(kBlockRows);
     row_sum.reset(kBlockRows);
+    col_scratch.reset(g.p2c ? kBlockCols * round_up(kBlockRows, 16) : 0);
+    col_terms.reset(g.p2c ? kBlockRows * cols : 0);
   }
 };
 
@@ -49,7 +53,7 @@ inline void online_update(float* row, int64_t cols_padded, float row_max, float&
     std::memset(row, 0, sizeof(float) * cols_padded);
     return;
   }
-  const float alpha = std::exp(m - m_new);
+  const float alpha = m_new == m ? 1.f : std::exp(m - m_new);
   const float sum = exp_and_sum(row, cols_padded, m_new);
   l = l * alpha + sum;
   m = m_new;
@@ -62,28 +66,32 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
                     const std::optional<at::Tensor>& pos_query, T* out, float* lse) {
   const Strided4<T> q(query), k(key), v(value);
   const int64_t H = g.heads, L = g.length, P = g.prefix, N = g.keys, D = g.head_dim, Dv = g.value_dim, W = g.window;
-  const int64_t ldN = round_up(N, 16), ldL = round_up(L, 16), ldS = round_up(kBlockCols, 16);
+  const int64_t ldL = round_up(L, 16), ldS = round_up(kBlockCols, 16), ldW = padded_pitch(W);
   const int64_t vw = vec_width();
 
-  AlignedBuffer<float> pk_t_rev, pq_rev;  // [D, W] and [W, D] (scaled), slots in reversed order
+  // c2p: [D, W] with query-row slot order (reversed); p2c: [D, W] scaled, natural slot order.
+  AlignedBuffer<float> pk_t_rev, pq_t;
   if (g.c2p) pk_t_rev = pack_window<T>(*pos_key, g, /*reversed=*/true, /*transposed=*/true, 1.f);
-  if (g.p2c) pq_rev = pack_window<T>(*pos_query, g, /*reversed=*/true, /*transposed=*/false, g.scale);
+  if (g.p2c) pq_t = pack_window<T>(*pos_query, g, /*reversed=*/false, /*transposed=*/true, g.scale);
 
   const bool pack_v = needs_row_pack(v);
+  const bool pack_k = g.p2c && needs_row_pack(k);
   const bool uniform_rows = mask.present && P == 0;  // rows without any valid key average V
-  const int64_t per_head =
-      int64_t(sizeof(float)) * (D * ldN + (pack_v ? N * Dv : 0) + (g.p2c ? W * ldL : 0) + Dv);
+  const int64_t kt_content = panels_size(L, D), kt_prefix = panels_size(P, D);
+  const int64_t per_head = int64_t(sizeof(float)) * (kt_content + kt_prefix + (pack_v ? N * Dv : 0) +
+                                                     (pack_k ? N * D : 0) + (g.p2c ? L * ldW : 0));
   const int64_t total = g.batch * H;
   const int64_t G = heads_per_group(total, per_head);
-  AlignedBuffer<float> kt(G * D * ldN), vrows(pack_v ? G * N * Dv : 0), p2c(g.p2c ? G * W * ldL : 0),
-      mean_v(uniform_rows ? G * Dv : 0);
+  AlignedBuffer<float> kt(G * (kt_content + kt_prefix), false), vrows(pack_v ? G * N * Dv : 0, false),
+      krows(pack_k ? G * N * D : 0, false), p2c(g.p2c ? G * L * ldW : 0, false),
+      p2c_edges(g.p2c ? G * 2 * ldL : 0), mean_v(uniform_rows ? G * Dv : 0);
 
   const int64_t n_chunks = (L + kPackChunk - 1) / kPackChunk;
   const int64_t n_blocks = (L + kBlockRows - 1) / kBlockRows;
   for (int64_t h0 = 0; h0 < total; h0 += G) {
     const int64_t count = std::min(G, total - h0);
 
-    // Phase A: K^T, V rows and the p2c table of these heads, by chunks of keys; mean of V per head.
+    // Phase A: K^T panels, V / K rows and the p2c table of these heads, by chunks of keys; mean of V per head.
     parallel_tasks<int>(count * n_chunks + (uniform_rows ? count : 0), [&](int64_t task, int&) {
       if (task >= count * n_chunks) {
         const int64_t gi = task - count * n_chunks, bh = h0 + gi;
@@ -98,16 +106,22 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
       }
       const int64_t gi = task / n_chunks, chunk = task % n_chunks, bh = h0 + gi, b = bh / H, h = bh % H;
       const int64_t c0 = chunk * kPackChunk, c1 = std::min(L, c0 + kPackChunk);
-      const int64_t k0 = chunk == 0 ? 0 : P + c0, k1 = P + c1;  // the first chunk also packs the prefix keys
-      float* kth = kt.data() + gi * D * ldN;
-      pack_transposed(k.at(b, h) + k0 * k.s2, k.s2, k.s3, k1 - k0, D, 1.f, kth + k0, ldN);
+      const int64_t k0 = chunk == 0 ? 0 : P + c0, k1 = P + c1;  // the first chunk also handles the prefix keys
+      const T* kh = k.at(b, h);
+      float* kt_head = kt.data() + gi * (kt_content + kt_prefix);
+      pack_panels(kh + P * k.s2, k.s2, k.s3, c0, c1, D, 1.f, kt_head);
+      if (chunk == 0 && P > 0) pack_panels(kh, k.s2, k.s3, 0, P, D, 1.f, kt_head + kt_content);
       if (pack_v) {
         pack_rows(v.at(b, h) + k0 * v.s2, v.s2, v.s3, k1 - k0, Dv, 1.f, vrows.data() + (gi * N + k0) * Dv, Dv);
       }
       if (g.p2c) {
+        if (pack_k) pack_rows(kh + k0 * k.s2, k.s2, k.s3, k1 - k0, D, 1.f, krows.data() + (gi * N + k0) * D, D);
+        const Rows kr = rows_view(k, b, h, krows.data() + gi * N * D, D);
         const int64_t pb = g.pos_query_batch == 1 ? 0 : b;
-        gemm_rr(W, c1 - c0, D, pq_rev.data() + (pb * H + h) * W * D, D, kth + P + c0, ldN,
-                p2c.data() + gi * W * ldL + c0, ldL, false);
+        float* table = p2c.data() + gi * L * ldW;
+        gemm_rr(c1 - c0, W, D, kr.row(P + c0), kr.ld, pq_t.data() + (pb * H + h) * D * W, W, table + c0 * ldW, ldW,
+                false);
+        copy_table_edges(table, ldW, W, c0, c1, p2c_edges.data() + gi * 2 * ldL, ldL);
       }
     });
 
@@ -118,7 +132,7 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
       const int64_t i0 = blk * kBlockRows, bm = std::min(kBlockRows, L - i0);
       float* qs = w.qs.data();
       pack_rows(q.at(b, h) + i0 * q.s2, q.s2, q.s3, bm, D, g.scale, qs, D);
-      const float* kth = kt.data() + gi * D * ldN;
+      const float* kt_head = kt.data() + gi * (kt_content + kt_prefix);
       const Rows vr = rows_view(v, b, h, vrows.data() + gi * N * Dv, Dv);
       float* S = w.scores.data();
       float* acc = w.acc.data();
@@ -137,13 +151,13 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
       float* c2p_blk = w.c2p.data();
       if (g.c2p && valid_rows > 0) {
         const int64_t pb = g.pos_key_batch == 1 ? 0 : b;
-        gemm_rr(bm, W, D, qs, D, pk_t_rev.data() + (pb * H + h) * D * W, W, c2p_blk, W, false);
+        gemm_rr(bm, W, D, qs, D, pk_t_rev.data() + (pb * H + h) * D * W, W, c2p_blk, ldW, false);
       }
 
       // Prefix keys: valid for every query, no positional term.
       for (int64_t p0 = 0; p0 < P; p0 += kBlockCols) {
         const int64_t pn = std::min(kBlockCols, P - p0), pnp = round_up(pn, vw);
-        gemm_rr(bm, pn, D, qs, D, kth + p0, ldN, S, ldS, false);
+        gemm_rr(bm, pn, D, qs, D, panel_at(kt_head + kt_content, D, p0), kBlockCols, S, ldS, false);
         for (int64_t c = 0; c < pnp; ++c) col_ok[c] = c < pn ? 1.f : 0.f;
         for (int64_t r = 0; r < bm; ++r) {
           float* row = S + r * ldS;
@@ -154,17 +168,22 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
       }
 
       // Content keys.
-      const float* p2c_head = g.p2c ? p2c.data() + gi * W * ldL : nullptr;
+      const float* p2c_head = g.p2c ? p2c.data() + gi * L * ldW : nullptr;
       for (int64_t j0 = 0; valid_rows > 0 && j0 < L; j0 += kBlockCols) {
         const int64_t bn = std::min(kBlockCols, L - j0), bnp = round_up(bn, vw);
         if (mask.count(b, j0, j0 + bn) == 0) continue;  // every pair masked: contributes exactly nothing
-        gemm_rr(bm, bn, D, qs, D, kth + P + j0, ldN, S, ldS, false);
+        gemm_rr(bm, bn, D, qs, D, panel_at(kt_head, D, j0), kBlockCols, S, ldS, false);
         mask.fill(b, j0, bn, bnp, col_ok);
         RowPositions rp;
+        const float* col_terms = nullptr;
+        int64_t col_stride = 0;
         if (g.positions()) {
           rp.kind = slots.query_rows.classify(i0, bm, j0, bnp);
-          rp.col_table = p2c_head ? p2c_head + j0 : nullptr;
-          rp.col_ld = ldL;
+          if (g.p2c) {
+            col_terms = build_column_terms(p2c_head, ldW, W, p2c_edges.data() + gi * 2 * ldL, ldL, slots.key_rows,
+                                           rp.kind, i0, bm, j0, bn, w.col_scratch.data(), w.col_terms.data(), ldS,
+                                           &col_stride);
+          }
         }
         for (int64_t r = 0; r < bm; ++r) {
           float* row = S + r * ldS;
@@ -174,7 +193,8 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
           }
           if (g.positions()) {
             rp.sigma = slots.query_rows.row_ptr(i0 + r, j0);
-            rp.row_term = g.c2p ? c2p_blk + r * W : nullptr;
+            rp.row_term = g.c2p ? c2p_blk + r * ldW : nullptr;
+            rp.col_term = g.p2c ? col_terms + r * col_stride : nullptr;
           }
           const float mx = add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok);
           online_update(row, bnp, mx, m[r], l[r], acc + r * Dv, Dv);
@@ -212,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> disentangled_attention_forward(
   const int64_t table_rows = pos_key ? pos_key->size(2) : (pos_query ? pos_query->size(2) : 0);
   TORCH_CHECK(!(pos_key && pos_query) || pos_key->size(2) == pos_query->size(2),
               "deberta_fast_cpu: pos_key and pos_query must have the same number of slots");
-  const Slots slots(g, slot_table, table_rows, /*need_key_rows=*/false);
+  const Slots slots(g, slot_table, table_rows);
   const TokenMask mask(g, token_mask);
   // Stored [B, L, H, Dv]: the [B, H, L, Dv] result is a permuted view, and merging heads back is free.
   at::Tensor out = at::empty({g.batch, g.length, g.heads, g.value_dim}, query.options());

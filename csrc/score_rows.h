@@ -20,55 +20,60 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t vec_width() { return Vec::size(); }
 
-// Positional terms of one tile row, as read by add_positions_and_mask.
+// base[idx[k]] for the Vec::size() lanes k, where idx is non-decreasing with steps of 0 or 1 (slot indices along a
+// tile row or column), so every lane lies in base[idx[0] .. idx[0] + Vec::size()). One unaligned load and a lane
+// permutation instead of a gather (several times faster); reads up to Vec::size() - 1 floats past the last index.
+inline Vec lookup_window(const float* base, const int32_t* idx) {
+  const int32_t lo = idx[0];
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i rel = _mm512_sub_epi32(_mm512_loadu_si512(idx), _mm512_set1_epi32(lo));
+  return Vec(_mm512_permutexvar_ps(rel, _mm512_loadu_ps(base + lo)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i rel =
+      _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), _mm256_set1_epi32(lo));
+  return Vec(_mm256_permutevar8x32_ps(_mm256_loadu_ps(base + lo), rel));
+#else
+  alignas(64) float lanes[Vec::size()];
+  for (int64_t k = 0; k < Vec::size(); ++k) lanes[k] = base[idx[k]];
+  return Vec::loadu(lanes);
+#endif
+}
+
+// Positional terms of one tile row, as read by add_positions_and_mask. Row terms and tables are read up to
+// Vec::size() - 1 floats past their last slot (lookup_window): their rows have padded_pitch(W) floats.
 struct RowPositions {
   TileKind kind = TileKind::kConstant;
-  const int32_t* sigma = nullptr;  // sigma of each column of this row (SlotIndex::row_ptr)
-  const float* row_term = nullptr;  // [W]: this row's own positional scores over sigma (c2p of a query, p2c of a key)
-  const float* col_table = nullptr;  // [W, ld]: the other side's scores, already offset to the tile's first column
-  int64_t col_ld = 0;
+  const int32_t* sigma = nullptr;     // sigma of each column of this row (SlotIndex::row_ptr)
+  const float* row_term = nullptr;    // [W]: this row's own positional scores over sigma (c2p of a query, p2c of a key)
+  const float* col_term = nullptr;    // [cols_padded]: the columns' positional scores for this row (build_column_terms)
 };
 
-// row[c] += row_term[sigma_c] + col_table[sigma_c * ld + c], then row[c] = -inf where col_ok[c] == 0.
+// row[c] += row_term[sigma_c] + col_term[c], then row[c] = -inf where col_ok[c] == 0.
 // pos == nullptr: masking only. Returns the row maximum (-inf when every column is masked).
 inline float add_positions_and_mask(float* row, int64_t cols_padded, const RowPositions* pos, const float* col_ok) {
   const Vec neg_inf(kNegInf), zero(0.f);
   Vec vmax(kNegInf);
   const int64_t w = Vec::size();
-  if (pos == nullptr) {
-    for (int64_t c = 0; c < cols_padded; c += w) {
-      Vec v = Vec::blendv(neg_inf, Vec::loadu(row + c), Vec::loadu(col_ok + c) != zero);
-      v.store(row + c);
-      vmax = at::vec::maximum(vmax, v);
-    }
-    return vmax.reduce_max();
-  }
-  const float* rt = pos->row_term;
-  const float* ct = pos->col_table;
-  const int64_t ld = pos->col_ld;
-  switch (pos->kind) {
+  const float* rt = pos ? pos->row_term : nullptr;
+  const float* ct = pos ? pos->col_term : nullptr;
+  const TileKind kind = rt ? pos->kind : TileKind::kConstant;
+  switch (kind) {
     case TileKind::kConstant: {
-      const int32_t s = pos->sigma[0];
-      const Vec rv(rt ? rt[s] : 0.f);
-      const float* crow = ct ? ct + s * ld : nullptr;
+      const Vec rv(rt ? rt[pos->sigma[0]] : 0.f);
       for (int64_t c = 0; c < cols_padded; c += w) {
         Vec v = Vec::loadu(row + c) + rv;
-        if (crow) v = v + Vec::loadu(crow + c);
+        if (ct) v = v + Vec::loadu(ct + c);
         v = Vec::blendv(neg_inf, v, Vec::loadu(col_ok + c) != zero);
         v.store(row + c);
         vmax = at::vec::maximum(vmax, v);
       }
       break;
     }
-    case TileKind::kLinear: {
-      // sigma_c = s + c: the row term is contiguous, the column table is read along a diagonal.
-      const int32_t s = pos->sigma[0];
-      const IVec step = IVec::arange(0, 1) * IVec(static_cast<int32_t>(ld + 1));
-      const float* cbase = ct ? ct + s * ld : nullptr;
+    case TileKind::kLinear: {  // sigma_c = sigma_0 + c: the row term is contiguous
+      const float* rts = rt + pos->sigma[0];
       for (int64_t c = 0; c < cols_padded; c += w) {
-        Vec v = Vec::loadu(row + c);
-        if (rt) v = v + Vec::loadu(rt + s + c);
-        if (cbase) v = v + at::vec::gather<4>(cbase + c * (ld + 1), step);
+        Vec v = Vec::loadu(row + c) + Vec::loadu(rts + c);
+        if (ct) v = v + Vec::loadu(ct + c);
         v = Vec::blendv(neg_inf, v, Vec::loadu(col_ok + c) != zero);
         v.store(row + c);
         vmax = at::vec::maximum(vmax, v);
@@ -76,13 +81,9 @@ inline float add_positions_and_mask(float* row, int64_t cols_padded, const RowPo
       break;
     }
     case TileKind::kGeneral: {
-      const IVec iota = IVec::arange(0, 1);
-      const IVec ldv(static_cast<int32_t>(ld));
       for (int64_t c = 0; c < cols_padded; c += w) {
-        const IVec sig = IVec::loadu(pos->sigma + c);
-        Vec v = Vec::loadu(row + c);
-        if (rt) v = v + at::vec::gather<4>(rt, sig);
-        if (ct) v = v + at::vec::gather<4>(ct + c, sig * ldv + iota);
+        Vec v = Vec::loadu(row + c) + lookup_window(rt, pos->sigma + c);
+        if (ct) v = v + Vec::loadu(ct + c);
         v = Vec::blendv(neg_inf, v, Vec::loadu(col_ok + c) != zero);
         v.store(row + c);
         vmax = at::vec::maximum(vmax, v);
@@ -91,6 +92,54 @@ inline float add_positions_and_mask(float* row, int64_t cols_padded, const RowPo
     }
   }
   return vmax.reduce_max();
+}
+
+// The positional scores that belong to the tile's columns (p2c of the keys in a query tile, c2p of the queries in a
+// key tile), laid out like the tile: out[r * ld_out + c] = table[(col0 + c) * ld_tab + sigma'(col0 + c, row0 + r)],
+// where `other` is the slot index oriented with the columns as rows. Read column by column, each column is a
+// contiguous run (linear tiles) or a gather within one table row, then transposed; reading the tile row by row
+// instead would touch a different table row in every lane.
+// Constant tiles need one value per column, shared by every row, and sit almost always on the saturated first or
+// last slot: `edges` ([2, edge_ld]) holds those two table columns contiguously (copy_table_edges).
+// Returns the terms of tile row r at result + r * (*row_stride); the stride is 0 for constant tiles.
+inline const float* build_column_terms(const float* table, int64_t ld_tab, int64_t window, const float* edges,
+                                       int64_t edge_ld, const SlotIndex& other, TileKind kind, int64_t row0,
+                                       int64_t rows, int64_t col0, int64_t cols, float* scratch, float* out,
+                                       int64_t ld_out, int64_t* row_stride) {
+  if (kind == TileKind::kConstant) {
+    *row_stride = 0;
+    const int32_t s = other.row_ptr(col0, row0)[0];
+    if (s == 0 || s == window - 1) return edges + (s == 0 ? 0 : edge_ld) + col0;
+    for (int64_t c = 0; c < cols; ++c) out[c] = table[(col0 + c) * ld_tab + s];
+    return out;
+  }
+  *row_stride = ld_out;
+  const int64_t w = Vec::size();
+  const int64_t rows_padded = (rows + w - 1) / w * w;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float* trow = table + (col0 + c) * ld_tab;
+    const int32_t* sig = other.row_ptr(col0 + c, row0);
+    float* dst = scratch + c * rows_padded;
+    if (kind == TileKind::kLinear) {
+      const float* src = trow + sig[0];
+      int64_t r = 0;
+      for (; r + w <= rows; r += w) Vec::loadu(src + r).store(dst + r);
+      for (; r < rows; ++r) dst[r] = src[r];
+    } else {
+      for (int64_t r = 0; r < rows_padded; r += w) lookup_window(trow, sig + r).store(dst + r);
+    }
+  }
+  at::vec::transpose_mxn<float>(scratch, rows_padded, out, ld_out, static_cast<int>(cols), static_cast<int>(rows));
+  return out;
+}
+
+// edges[0, t] = table[t, 0], edges[1, t] = table[t, W - 1] for t in [t0, t1): the saturated slots, contiguous.
+inline void copy_table_edges(const float* table, int64_t ld_tab, int64_t window, int64_t t0, int64_t t1,
+                             float* edges, int64_t edge_ld) {
+  for (int64_t t = t0; t < t1; ++t) {
+    edges[t] = table[t * ld_tab];
+    edges[edge_ld + t] = table[t * ld_tab + window - 1];
+  }
 }
 
 // row[c] = exp(row[c] - m); returns the sum. Masked entries (-inf) become 0.
