@@ -9,7 +9,7 @@
 namespace deberta_fast_cpu {
 
 // Rows of a score tile (queries, or keys in the key-stationary backward pass) and columns of a tile.
-constexpr int64_t kBlockRows = 64;
+constexpr int64_t kBlockRows = 128;
 constexpr int64_t kBlockCols = 128;
 // Fixed ownership chunks of the backward pass: partial positional-table gradients are kept per chunk and
 // summed in chunk order, so the result does not depend on the number of threads.

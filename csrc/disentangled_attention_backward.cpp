@@ -233,6 +233,7 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
             gemm_rr(bm, bn, D, qsb, D, panel_at(kt_head, D, j0), kBlockCols, S, ldS, false);
             gemm_rr(bm, bn, Dv, dob, dor.ld, panel_at(vt_head, Dv, j0), kBlockCols, dP, ldS, false);
             mask.fill(b, j0, bn, bnp, col_ok);
+            const bool all_valid = bn == bnp && mask.count(b, j0, j0 + bn) == bn;
             RowPositions rp;
             const float* col_terms = nullptr;
             int64_t col_stride = 0;
@@ -255,7 +256,7 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
                 rp.row_term = g.c2p ? c2p_head + (i0 + r) * ldW : nullptr;
                 rp.col_term = g.p2c ? col_terms + r * col_stride : nullptr;
               }
-              add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok);
+              add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok, all_valid);
               score_grad_row(row, dP + r * ldS, bnp, lp[i0 + r], dl[i0 + r]);
               if (g.c2p) scatter_to_slots(row, bn, rp.kind, rp.sigma, gsl + r * W);
             }
@@ -321,6 +322,7 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
           } else {
             mask.fill(b, i0, bq, bqp, col_ok);
           }
+          const bool all_valid = bq == bqp && (prefix_task || mask.count(b, i0, i0 + bq) == bq);
           RowPositions rp;
           const float* col_terms = nullptr;
           int64_t col_stride = 0;
@@ -345,7 +347,7 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
               rp.row_term = g.p2c ? p2c_head + (j0 + r) * ldW : nullptr;
               rp.col_term = g.c2p ? col_terms + r * col_stride : nullptr;
             }
-            add_positions_and_mask(row, bqp, pos ? &rp : nullptr, col_ok);
+            add_positions_and_mask(row, bqp, pos ? &rp : nullptr, col_ok, all_valid);
             score_grad_row_transposed(row, grow, bqp, lp + i0, dl + i0);
             if (pos && g.p2c) scatter_to_slots(grow, bq, rp.kind, rp.sigma, hsl + r * W);
           }

@@ -161,7 +161,7 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
         for (int64_t c = 0; c < pnp; ++c) col_ok[c] = c < pn ? 1.f : 0.f;
         for (int64_t r = 0; r < bm; ++r) {
           float* row = S + r * ldS;
-          const float mx = add_positions_and_mask(row, pnp, nullptr, col_ok);
+          const float mx = add_positions_and_mask(row, pnp, nullptr, col_ok, pn == pnp);
           online_update(row, pnp, mx, m[r], l[r], acc + r * Dv, Dv);
         }
         gemm_rr(bm, Dv, pn, S, ldS, vr.row(p0), vr.ld, acc, Dv, true);
@@ -174,6 +174,7 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
         if (mask.count(b, j0, j0 + bn) == 0) continue;  // every pair masked: contributes exactly nothing
         gemm_rr(bm, bn, D, qs, D, panel_at(kt_head, D, j0), kBlockCols, S, ldS, false);
         mask.fill(b, j0, bn, bnp, col_ok);
+        const bool all_valid = bn == bnp && mask.count(b, j0, j0 + bn) == bn;
         RowPositions rp;
         const float* col_terms = nullptr;
         int64_t col_stride = 0;
@@ -196,7 +197,7 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
             rp.row_term = g.c2p ? c2p_blk + r * ldW : nullptr;
             rp.col_term = g.p2c ? col_terms + r * col_stride : nullptr;
           }
-          const float mx = add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok);
+          const float mx = add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok, all_valid);
           online_update(row, bnp, mx, m[r], l[r], acc + r * Dv, Dv);
         }
         gemm_rr(bm, Dv, bn, S, ldS, vr.row(P + j0), vr.ld, acc, Dv, true);

@@ -48,50 +48,73 @@ struct RowPositions {
   const float* col_term = nullptr;    // [cols_padded]: the columns' positional scores for this row (build_column_terms)
 };
 
-// row[c] += row_term[sigma_c] + col_term[c], then row[c] = -inf where col_ok[c] == 0.
-// pos == nullptr: masking only. Returns the row maximum (-inf when every column is masked).
-inline float add_positions_and_mask(float* row, int64_t cols_padded, const RowPositions* pos, const float* col_ok) {
+// Scores of one row, masked (-inf where col_ok[c] == 0 unless every column is valid), stored; returns the max.
+template <bool kMasked, typename Load>
+inline float finish_row(float* row, int64_t cols_padded, const float* col_ok, const Load& load) {
   const Vec neg_inf(kNegInf), zero(0.f);
-  Vec vmax(kNegInf);
+  Vec vmax0(kNegInf), vmax1(kNegInf);
   const int64_t w = Vec::size();
+  int64_t c = 0;
+  for (; c + 2 * w <= cols_padded; c += 2 * w) {  // two chains: the max has a latency of several cycles
+    Vec v0 = load(c), v1 = load(c + w);
+    if (kMasked) {
+      v0 = Vec::blendv(neg_inf, v0, Vec::loadu(col_ok + c) != zero);
+      v1 = Vec::blendv(neg_inf, v1, Vec::loadu(col_ok + c + w) != zero);
+    }
+    v0.store(row + c);
+    v1.store(row + c + w);
+    vmax0 = at::vec::maximum(vmax0, v0);
+    vmax1 = at::vec::maximum(vmax1, v1);
+  }
+  for (; c < cols_padded; c += w) {
+    Vec v = load(c);
+    if (kMasked) v = Vec::blendv(neg_inf, v, Vec::loadu(col_ok + c) != zero);
+    v.store(row + c);
+    vmax0 = at::vec::maximum(vmax0, v);
+  }
+  return at::vec::maximum(vmax0, vmax1).reduce_max();
+}
+
+template <bool kMasked>
+inline float add_positions_and_mask_impl(float* row, int64_t cols_padded, const RowPositions* pos,
+                                         const float* col_ok) {
   const float* rt = pos ? pos->row_term : nullptr;
   const float* ct = pos ? pos->col_term : nullptr;
   const TileKind kind = rt ? pos->kind : TileKind::kConstant;
-  switch (kind) {
-    case TileKind::kConstant: {
-      const Vec rv(rt ? rt[pos->sigma[0]] : 0.f);
-      for (int64_t c = 0; c < cols_padded; c += w) {
-        Vec v = Vec::loadu(row + c) + rv;
-        if (ct) v = v + Vec::loadu(ct + c);
-        v = Vec::blendv(neg_inf, v, Vec::loadu(col_ok + c) != zero);
-        v.store(row + c);
-        vmax = at::vec::maximum(vmax, v);
-      }
-      break;
+  if (kind == TileKind::kConstant) {
+    const Vec rv(rt ? rt[pos->sigma[0]] : 0.f);
+    if (ct) {
+      return finish_row<kMasked>(row, cols_padded, col_ok,
+                                 [&](int64_t c) { return Vec::loadu(row + c) + rv + Vec::loadu(ct + c); });
     }
-    case TileKind::kLinear: {  // sigma_c = sigma_0 + c: the row term is contiguous
-      const float* rts = rt + pos->sigma[0];
-      for (int64_t c = 0; c < cols_padded; c += w) {
-        Vec v = Vec::loadu(row + c) + Vec::loadu(rts + c);
-        if (ct) v = v + Vec::loadu(ct + c);
-        v = Vec::blendv(neg_inf, v, Vec::loadu(col_ok + c) != zero);
-        v.store(row + c);
-        vmax = at::vec::maximum(vmax, v);
-      }
-      break;
-    }
-    case TileKind::kGeneral: {
-      for (int64_t c = 0; c < cols_padded; c += w) {
-        Vec v = Vec::loadu(row + c) + lookup_window(rt, pos->sigma + c);
-        if (ct) v = v + Vec::loadu(ct + c);
-        v = Vec::blendv(neg_inf, v, Vec::loadu(col_ok + c) != zero);
-        v.store(row + c);
-        vmax = at::vec::maximum(vmax, v);
-      }
-      break;
-    }
+    return finish_row<kMasked>(row, cols_padded, col_ok, [&](int64_t c) { return Vec::loadu(row + c) + rv; });
   }
-  return vmax.reduce_max();
+  if (kind == TileKind::kLinear) {  // sigma_c = sigma_0 + c: the row term is contiguous
+    const float* rts = rt + pos->sigma[0];
+    if (ct) {
+      return finish_row<kMasked>(row, cols_padded, col_ok, [&](int64_t c) {
+        return Vec::loadu(row + c) + Vec::loadu(rts + c) + Vec::loadu(ct + c);
+      });
+    }
+    return finish_row<kMasked>(row, cols_padded, col_ok,
+                               [&](int64_t c) { return Vec::loadu(row + c) + Vec::loadu(rts + c); });
+  }
+  const int32_t* sigma = pos->sigma;
+  if (ct) {
+    return finish_row<kMasked>(row, cols_padded, col_ok, [&](int64_t c) {
+      return Vec::loadu(row + c) + lookup_window(rt, sigma + c) + Vec::loadu(ct + c);
+    });
+  }
+  return finish_row<kMasked>(row, cols_padded, col_ok,
+                             [&](int64_t c) { return Vec::loadu(row + c) + lookup_window(rt, sigma + c); });
+}
+
+// row[c] += row_term[sigma_c] + col_term[c], then row[c] = -inf where col_ok[c] == 0; all_valid: no column is
+// masked (col_ok is not read). pos == nullptr: masking only. Returns the row maximum (-inf when all are masked).
+inline float add_positions_and_mask(float* row, int64_t cols_padded, const RowPositions* pos, const float* col_ok,
+                                    bool all_valid = false) {
+  return all_valid ? add_positions_and_mask_impl<false>(row, cols_padded, pos, col_ok)
+                   : add_positions_and_mask_impl<true>(row, cols_padded, pos, col_ok);
 }
 
 // The positional scores that belong to the tile's columns (p2c of the keys in a query tile, c2p of the queries in a
@@ -145,13 +168,23 @@ inline void copy_table_edges(const float* table, int64_t ld_tab, int64_t window,
 // row[c] = exp(row[c] - m); returns the sum. Masked entries (-inf) become 0.
 inline float exp_and_sum(float* row, int64_t cols_padded, float m) {
   const Vec mv(m);
-  Vec acc(0.f);
-  for (int64_t c = 0; c < cols_padded; c += Vec::size()) {
+  const int64_t w = Vec::size();
+  Vec acc0(0.f), acc1(0.f);
+  int64_t c = 0;
+  for (; c + 2 * w <= cols_padded; c += 2 * w) {
+    const Vec p0 = (Vec::loadu(row + c) - mv).exp_u20();
+    const Vec p1 = (Vec::loadu(row + c + w) - mv).exp_u20();
+    p0.store(row + c);
+    p1.store(row + c + w);
+    acc0 = acc0 + p0;
+    acc1 = acc1 + p1;
+  }
+  for (; c < cols_padded; c += w) {
     const Vec p = (Vec::loadu(row + c) - mv).exp_u20();
     p.store(row + c);
-    acc = acc + p;
+    acc0 = acc0 + p;
   }
-  return acc.reduce_add();
+  return (acc0 + acc1).reduce_add();
 }
 
 // Backward, one row with a scalar log-sum-exp and delta (query rows):
