@@ -129,15 +129,17 @@ AlignedBuffer<float> pack_window(const at::Tensor& table, const Geometry& g, boo
     for (int64_t h = 0; h < g.heads; ++h) {
       const T* src = t.at(pb, h);
       float* dst = out.data() + (pb * g.heads + h) * W * D;
-      for (int64_t sigma = 0; sigma < W; ++sigma) {
-        const int64_t slot = reversed ? g.slot_lo + W - 1 - sigma : g.slot_lo + sigma;
+      auto slot_of = [&](int64_t sigma) { return reversed ? g.slot_lo + W - 1 - sigma : g.slot_lo + sigma; };
+      if (transposed) {  // dst[d, sigma], written contiguously
         for (int64_t d = 0; d < D; ++d) {
-          const float v = scale * static_cast<float>(src[slot * t.s2 + d * t.s3]);
-          if (transposed) {
-            dst[d * W + sigma] = v;
-          } else {
-            dst[sigma * D + d] = v;
+          for (int64_t sigma = 0; sigma < W; ++sigma) {
+            dst[d * W + sigma] = scale * static_cast<float>(src[slot_of(sigma) * t.s2 + d * t.s3]);
           }
+        }
+      } else {
+        for (int64_t sigma = 0; sigma < W; ++sigma) {
+          const T* row = src + slot_of(sigma) * t.s2;
+          for (int64_t d = 0; d < D; ++d) dst[sigma * D + d] = scale * static_cast<float>(row[d * t.s3]);
         }
       }
     }
