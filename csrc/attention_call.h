@@ -2,6 +2,7 @@
 // the positional tables, grouping of heads and the dynamic task queue.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -73,7 +74,9 @@ struct Slots {
   // table_rows: 2S, the number of rows of the positional tables; every slot must index one of them.
   Slots(Geometry& g, const std::optional<at::Tensor>& slot_table, int64_t table_rows) {
     if (!g.positions()) return;
-    const at::Tensor slots = slot_table->to(at::kInt).contiguous();
+    const at::Tensor slots = slot_table->scalar_type() == at::kInt && slot_table->is_contiguous()
+                                 ? *slot_table
+                                 : slot_table->to(at::kInt).contiguous();
     const int32_t* s = slots.data_ptr<int32_t>();
     const int64_t n = 2 * g.length - 1;
     TORCH_CHECK(s[0] >= 0 && s[n - 1] >= s[0] && s[n - 1] < table_rows,
@@ -95,9 +98,16 @@ struct TokenMask {
   TokenMask(const Geometry& g, const std::optional<at::Tensor>& token_mask) : length(g.length) {
     if (!token_mask.has_value()) return;
     present = true;
-    const at::Tensor m = token_mask->ne(0).to(at::kByte).contiguous();
-    const uint8_t* p = m.data_ptr<uint8_t>();
-    valid.assign(p, p + g.batch * g.length);
+    const at::Tensor& m = *token_mask;
+    valid.assign(g.batch * g.length, 0);
+    AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, m.scalar_type(), "deberta_fast_cpu_mask", [&] {
+      const scalar_t* p = m.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < g.batch; ++b) {
+        for (int64_t i = 0; i < g.length; ++i) {
+          valid[b * g.length + i] = p[b * m.stride(0) + i * m.stride(1)] != scalar_t(0) ? 1 : 0;
+        }
+      }
+    });
     counts.assign(g.batch * (g.length + 1), 0);
     for (int64_t b = 0; b < g.batch; ++b) {
       for (int64_t i = 0; i < g.length; ++i) {
@@ -184,7 +194,7 @@ void parallel_tasks(int64_t n, const Fn& fn) {
 // small group keeps the per-head workspace in cache; short sequences take more heads per group (fewer barriers).
 // The grouping never changes what a task computes.
 inline int64_t heads_per_group(int64_t total_heads, int64_t bytes_per_head) {
-  constexpr int64_t kSmallGroupBytes = int64_t(8) << 20;
+  constexpr int64_t kSmallGroupBytes = int64_t(32) << 20;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t by_budget = kSmallGroupBytes / std::max<int64_t>(1, bytes_per_head);
   return std::max<int64_t>(1, std::min(total_heads, std::max(2 * threads, by_budget)));

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .dispatch import logger
-from .positions import distance_slot_table
+from .positions import RelativePositionSpec, distance_slot_table
 
 NAMESPACE = "deberta_fast_cpu"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -172,6 +172,13 @@ def _register_python_rules() -> None:
     torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
 
 
+@functools.lru_cache(maxsize=64)
+def _slot_table(length: int, spec: RelativePositionSpec) -> torch.Tensor:
+    """int32 [2L - 1] slots of the distances -(L-1) .. L-1 (positions.distance_slot_table); built once per
+    (length, spec), so that a model's layers do not recompute the float32 log buckets on every call. Read only."""
+    return distance_slot_table(length, spec).to(torch.int32)
+
+
 def unsupported_reasons(
     query, key, value, pos_key, pos_query, attention_mask, spec, softmax_scale, dropout_p, output_attentions,
     num_prefix_keys,
@@ -207,7 +214,7 @@ def run(
         raise RuntimeError(f"the native CPU op of disentangled attention could not be built: {status.error}")
     c2p = spec is not None and spec.c2p
     p2c = spec is not None and spec.p2c
-    slot_table = distance_slot_table(query.shape[2], spec) if (c2p or p2c) else None
+    slot_table = _slot_table(query.shape[2], spec) if (c2p or p2c) else None
     out, _ = torch.ops.deberta_fast_cpu.disentangled_attention_forward(
         query, key, value, pos_key if c2p else None, pos_query if p2c else None, attention_mask, slot_table,
         float(softmax_scale), int(num_prefix_keys),
