@@ -14,6 +14,8 @@ constexpr int64_t kBlockCols = 128;
 // Fixed ownership chunks of the backward pass: partial positional-table gradients are kept per chunk and
 // summed in chunk order, so the result does not depend on the number of threads.
 constexpr int64_t kChunkRows = 256;
+// Row blocks start on panel boundaries (attention_call.h), so a block of rows is also one panel of columns.
+static_assert(kBlockRows == kBlockCols && kChunkRows % kBlockRows == 0, "tile sizes must nest");
 
 struct Geometry {
   int64_t batch = 0, heads = 0, length = 0, prefix = 0, keys = 0, head_dim = 0, value_dim = 0;

@@ -3,10 +3,10 @@
 // With dS = P * (dP - delta), delta_i = dO_i . O_i, and G[i, sigma] / H[j, sigma] the sums of dS over the pairs of
 // a query row / key row that read slot sigma:
 //   dQ_i  = s (sum_j dS_ij K_j + sum_sigma G[i, sigma] Pk[sigma])          query-stationary tasks (own dQ rows)
-//   dPk   = s sum_i G[i, .]^T Q_i                                          per fixed chunk of 256 queries, summed
+//   dPk^T = s Q^T G                                                        per fixed chunk of 256 queries, summed
 //   dK_j  = s (sum_i dS_ij Q_i + sum_sigma H[j, sigma] Pq[sigma])          key-stationary tasks (own dK, dV rows)
 //   dV_j  = sum_i P_ij dO_i  (+ the mean of dO over rows that average V)
-//   dPq   = s sum_j H[j, .]^T K_j                                          per fixed chunk of 256 keys, summed
+//   dPq^T = s K^T H                                                        per fixed chunk of 256 keys, summed
 // Both passes recompute the scores tile by tile from the saved log-sum-exp. Per group of heads, phase A packs the
 // transposed operands and the two positional tables, c2p [L, W] (query-major, query-row slot order) and p2c [L, W]
 // (key-major, key-row slot order): each pass reads its own rows' table along the row and the other table column by
@@ -28,7 +28,7 @@ namespace deberta_fast_cpu {
 namespace {
 
 struct BackwardWorker {
-  AlignedBuffer<float> scores, grads, slot_grad, slot_grad_t, acc, acc_v, col_ok, col_scratch, col_terms;
+  AlignedBuffer<float> scores, grads, slot_grad, acc, acc_v, col_ok, col_scratch, col_terms;
   bool ready = false;
 
   void init(const Geometry& g) {
@@ -38,7 +38,6 @@ struct BackwardWorker {
     scores.reset(kBlockRows * cols);
     grads.reset(kBlockRows * cols);
     slot_grad.reset(g.positions() ? kBlockRows * g.window : 0);
-    slot_grad_t.reset(g.positions() ? g.window * kBlockRows : 0);
     acc.reset(kBlockRows * g.head_dim);
     acc_v.reset(kBlockRows * g.value_dim);
     col_ok.reset(cols);
@@ -46,13 +45,6 @@ struct BackwardWorker {
     col_terms.reset(g.positions() ? kBlockRows * cols : 0);
   }
 };
-
-// dst[sigma * ld_dst + r] = src[r * ld_src + sigma]
-inline void transpose_block(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-  }
-}
 
 template <typename T>
 struct BackwardInputs {
@@ -264,9 +256,8 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
           }
           if (g.c2p && valid_rows > 0) {
             gemm_rr(bm, D, W, gsl, W, pk_rev.data() + (pb * H + h) * W * D, D, acc, D, true);
-            float* gt = w.slot_grad_t.data();
-            transpose_block(gsl, W, bm, W, gt, kBlockRows);
-            gemm_rr(W, D, bm, gt, kBlockRows, qsb, D, partial, D, true);
+            // partial^T [D, W] += (s Q_blk)^T G: the block's queries are one panel of Q^T.
+            gemm_rr(D, W, bm, panel_at(qst.data() + gi * qt_size, D, i0), kBlockCols, gsl, W, partial, W, true);
           }
           store_rows(acc, D, bm, D, g.scale, dq + ((b * L + i0) * H + h) * D, H * D, 1);
         }
@@ -356,9 +347,8 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
         }
         if (g.p2c && pos && valid_keys > 0) {
           gemm_rr(bn, D, W, hsl, W, pq.data() + (pb * H + h) * W * D, D, acc, D, true);
-          float* ht = w.slot_grad_t.data();
-          transpose_block(hsl, W, bn, W, ht, kBlockRows);
-          gemm_rr(W, D, bn, ht, kBlockRows, kb, kr.ld, partial, D, true);
+          // partial^T [D, W] += K_blk^T H: the block's keys are one panel of K^T.
+          gemm_rr(D, W, bn, panel_at(kt.data() + gi * kt_size, D, j0), kBlockCols, hsl, W, partial, W, true);
         }
         if (uniform_rows) {
           const float* u = uniform.data() + gi * Dv;
@@ -393,7 +383,7 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
   }
 }
 
-// Writes the window accumulator [PB, H, W, D] into a zero table [PB, H, 2S, D] (reversed: sigma -> lo + W-1-sigma).
+// Writes the window accumulator [PB, H, D, W] into a zero table [PB, H, 2S, D] (reversed: sigma -> lo + W-1-sigma).
 template <typename T>
 void store_window(const float* acc, const Geometry& g, bool reversed, float scale, at::Tensor& table) {
   T* dst = table.data_ptr<T>();
@@ -402,7 +392,7 @@ void store_window(const float* acc, const Geometry& g, bool reversed, float scal
     for (int64_t sigma = 0; sigma < W; ++sigma) {
       const int64_t slot = reversed ? g.slot_lo + W - 1 - sigma : g.slot_lo + sigma;
       for (int64_t d = 0; d < D; ++d) {
-        dst[(ph * rows + slot) * D + d] = static_cast<T>(scale * acc[(ph * W + sigma) * D + d]);
+        dst[(ph * rows + slot) * D + d] = static_cast<T>(scale * acc[(ph * D + d) * W + sigma]);
       }
     }
   }

@@ -208,6 +208,32 @@ inline void score_grad_row_transposed(float* scores, float* dp, int64_t cols_pad
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// grad_row[sigma[c]] += ds[c] for 16 lanes whose slots are non-decreasing with steps of 0 or 1: a segmented
+// inclusive scan (lanes add their left neighbours of the same slot) leaves each run's sum in its last lane; the run
+// ends, compressed to the low lanes, are the sums of the consecutive slots sigma[0], sigma[0] + 1, ...
+inline void scatter_runs16(const float* ds, const int32_t* sigma, float* grad_row) {
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i slots = _mm512_loadu_si512(sigma);
+  __m512 sums = _mm512_loadu_ps(ds);
+  for (int shift = 1; shift < 16; shift *= 2) {
+    const __m512i from = _mm512_sub_epi32(iota, _mm512_set1_epi32(shift));
+    const __mmask16 inside = static_cast<__mmask16>(0xFFFFu << shift);
+    const __mmask16 same =
+        _mm512_mask_cmpeq_epi32_mask(inside, _mm512_permutexvar_epi32(from, slots), slots);
+    sums = _mm512_mask_add_ps(sums, same, sums, _mm512_permutexvar_ps(from, sums));
+  }
+  const __m512i next = _mm512_permutexvar_epi32(_mm512_min_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(1)),
+                                                                 _mm512_set1_epi32(15)),
+                                                slots);
+  const __mmask16 ends = static_cast<__mmask16>(_mm512_cmpneq_epi32_mask(next, slots) | 0x8000u);
+  const __m512 runs = _mm512_maskz_compress_ps(ends, sums);
+  const __mmask16 used = static_cast<__mmask16>((1u << __builtin_popcount(ends)) - 1u);
+  float* g = grad_row + sigma[0];
+  _mm512_mask_storeu_ps(g, used, _mm512_add_ps(_mm512_maskz_loadu_ps(used, g), runs));
+}
+#endif
+
 // grad_row[sigma_c] += ds[c] for c < cols: the score gradient of one row summed per slot.
 inline void scatter_to_slots(const float* ds, int64_t cols, TileKind kind, const int32_t* sigma, float* grad_row) {
   switch (kind) {
@@ -230,9 +256,14 @@ inline void scatter_to_slots(const float* ds, int64_t cols, TileKind kind, const
     }
     case TileKind::kGeneral: {
       // sigma is non-decreasing along the row: sum each run of equal slots before touching memory.
-      int32_t current = sigma[0];
+      int64_t c0 = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      for (; c0 + 16 <= cols; c0 += 16) scatter_runs16(ds + c0, sigma + c0, grad_row);
+      if (c0 == cols) break;
+#endif
+      int32_t current = sigma[c0];
       float run = 0.f;
-      for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t c = c0; c < cols; ++c) {
         if (sigma[c] != current) {
           grad_row[current] += run;
           current = sigma[c];
