@@ -242,7 +242,7 @@ def test_build_failure_falls_back_to_reference_with_the_reason(tmp_path):
         import deberta_fast
         from deberta_fast.ops import attention_cpu, disentangled_attention
         from deberta_fast.ops.positions import RelativePositionSpec
-        built_at_import = attention_cpu.extension.cache_info().currsize
+        built_at_import = attention_cpu._build_once.cache_info().currsize
         spec = RelativePositionSpec(True, True, 8, 24)
         q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3)); pk, pq = torch.randn(2, 1, 2, 16, 8).unbind(0)
         out, _ = disentangled_attention(q, k, v, pk, pq, None, spec=spec, softmax_scale=0.2)

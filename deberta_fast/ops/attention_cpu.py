@@ -18,6 +18,7 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ NAMESPACE = "deberta_fast_cpu"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CACHE_ENV_VAR = "DEBERTA_FAST_CACHE_DIR"
 _SOURCE_SUFFIXES = (".cpp", ".h")
+_BUILD_LOCK = threading.Lock()  # one build and one registration even when threads race to the first call
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,14 @@ def build_key(sources: list[Path], flags: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
 def extension() -> BuildStatus:
     """Builds (or loads the cached build of) the native op once per process and registers its Python rules."""
+    with _BUILD_LOCK:
+        return _build_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _build_once() -> BuildStatus:
     directory = source_dir()
     if directory is None:
         return BuildStatus(error="its C++ sources (csrc/) are not installed with this copy of deberta_fast")
@@ -110,7 +117,10 @@ def extension() -> BuildStatus:
         build_dir = cache_root() / "cpu_ext" / key
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob("*.so")):
-            logger.info("deberta_fast: compiling the native CPU attention op (first use; cached in %s)", build_dir)
+            logger.warning(
+                "deberta_fast: compiling the native CPU attention op on first use (about a minute, once; cached in "
+                "%s)", build_dir,
+            )
         library = cpp_extension.load(
             name=f"deberta_fast_cpu_{key}",
             sources=[str(p) for p in sources if p.suffix == ".cpp"],
@@ -195,6 +205,8 @@ def unsupported_reasons(
         reasons.append(f"attention dropout (dropout_p={dropout_p}) is not implemented in the native op")
     if attention_mask is not None and attention_mask.dim() != 2:
         reasons.append("only the [B, L] token mask is supported, not a [B, 1 or H, L, L] pair mask")
+    if query.shape[2] == 0:
+        reasons.append("the sequence is empty (L = 0)")
     if reasons:
         return reasons
     status = extension()
