@@ -129,31 +129,34 @@ struct TokenMask {
 
 // The slots [lo, lo + W) of one positional table [PB, H, 2S, D], packed per (pb, h) in fp32:
 // rows [W, D] or transposed [D, W]; `reversed` stores slot lo + W - 1 - sigma at sigma.
+template <typename State, typename Fn>
+void parallel_tasks(int64_t n, const Fn& fn);
+
+// The slots [lo, lo + W) of one positional table [PB, H, 2S, D], packed per (pb, h) in fp32, one task per (pb, h):
+// rows [W, D] or transposed [D, W]; `reversed` stores slot lo + W - 1 - sigma at sigma.
 template <typename T>
 AlignedBuffer<float> pack_window(const at::Tensor& table, const Geometry& g, bool reversed, bool transposed,
                                  float scale) {
   const Strided4<T> t(table);
   const int64_t pb_count = table.size(0), W = g.window, D = g.head_dim;
-  AlignedBuffer<float> out(pb_count * g.heads * W * D);
-  for (int64_t pb = 0; pb < pb_count; ++pb) {
-    for (int64_t h = 0; h < g.heads; ++h) {
-      const T* src = t.at(pb, h);
-      float* dst = out.data() + (pb * g.heads + h) * W * D;
-      auto slot_of = [&](int64_t sigma) { return reversed ? g.slot_lo + W - 1 - sigma : g.slot_lo + sigma; };
-      if (transposed) {  // dst[d, sigma], written contiguously
-        for (int64_t d = 0; d < D; ++d) {
-          for (int64_t sigma = 0; sigma < W; ++sigma) {
-            dst[d * W + sigma] = scale * static_cast<float>(src[slot_of(sigma) * t.s2 + d * t.s3]);
-          }
-        }
-      } else {
+  AlignedBuffer<float> out(pb_count * g.heads * W * D, false);
+  parallel_tasks<int>(pb_count * g.heads, [&](int64_t task, int&) {
+    const T* src = t.at(task / g.heads, task % g.heads);
+    float* dst = out.data() + task * W * D;
+    auto slot_of = [&](int64_t sigma) { return reversed ? g.slot_lo + W - 1 - sigma : g.slot_lo + sigma; };
+    if (transposed) {  // dst[d, sigma], written contiguously
+      for (int64_t d = 0; d < D; ++d) {
         for (int64_t sigma = 0; sigma < W; ++sigma) {
-          const T* row = src + slot_of(sigma) * t.s2;
-          for (int64_t d = 0; d < D; ++d) dst[sigma * D + d] = scale * static_cast<float>(row[d * t.s3]);
+          dst[d * W + sigma] = scale * static_cast<float>(src[slot_of(sigma) * t.s2 + d * t.s3]);
         }
       }
+    } else {
+      for (int64_t sigma = 0; sigma < W; ++sigma) {
+        const T* row = src + slot_of(sigma) * t.s2;
+        for (int64_t d = 0; d < D; ++d) dst[sigma * D + d] = scale * static_cast<float>(row[d * t.s3]);
+      }
     }
-  }
+  });
   return out;
 }
 
