@@ -185,16 +185,19 @@ MODEL_PROVIDERS = ("transformers_eager", "deberta_fast_reference", "deberta_fast
 
 
 def measure_peak_memory(provider: str, layers: int, length: int) -> float:
-    """Peak RSS growth (MiB) of one forward, in a fresh process: model built and warmed up, the kernel's peak RSS
-    counter reset (/proc/self/clear_refs), one forward, then VmHWM - VmRSS(before)."""
+    """Peak RSS growth (MiB) of one forward, in a fresh process: model built and warmed up (kernels compiled and
+    loaded), freed heap memory handed back to the OS (malloc_trim, so memory the allocator kept from the warm-up
+    cannot hide the second forward's needs), the kernel's peak RSS counter reset (/proc/self/clear_refs), one
+    forward, then VmHWM - VmRSS(before)."""
     script = f"""
-import gc, json, sys, torch
+import ctypes, gc, json, sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from bench_cpu_attention import build_model, model_inputs
 model = build_model({provider!r}, {layers}, {length}); ids, mask = model_inputs({length})
 with torch.no_grad():
     model(input_ids=ids, attention_mask=mask)
 gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key): return int(line.split()[1])
@@ -261,7 +264,7 @@ def main():
     if "layer_module" in sections:
         rows += layer_module_rows(lengths, repeats)
     if "model" in sections:
-        rows += model_rows(((512, 12), (2048, 2)), max(3, repeats // 2), memory=not args.no_memory)
+        rows += model_rows(((512, 12), (2048, 2)), max(3, (repeats + 1) // 2), memory=not args.no_memory)
     machine["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     print(f"# {machine['cpu']} | {machine['threads']} threads | torch {machine['torch']} ({machine['capability']}) | "
