@@ -10,6 +10,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <optional>
 #include <vector>
 
@@ -132,7 +136,7 @@ struct TokenMask {
 template <typename State, typename Fn>
 void parallel_tasks(int64_t n, const Fn& fn);
 
-// The slots [lo, lo + W) of one positional table [PB, H, 2S, D], packed per (pb, h) in fp32, one task per (pb, h):
+// The slots [lo, lo + W) of one positional table [PB, H, 2S, D], packed per (pb, h) in fp32:
 // rows [W, D] or transposed [D, W]; `reversed` stores slot lo + W - 1 - sigma at sigma.
 template <typename T>
 AlignedBuffer<float> pack_window(const at::Tensor& table, const Geometry& g, bool reversed, bool transposed,
@@ -140,7 +144,7 @@ AlignedBuffer<float> pack_window(const at::Tensor& table, const Geometry& g, boo
   const Strided4<T> t(table);
   const int64_t pb_count = table.size(0), W = g.window, D = g.head_dim;
   AlignedBuffer<float> out(pb_count * g.heads * W * D, false);
-  parallel_tasks<int>(pb_count * g.heads, [&](int64_t task, int&) {
+  auto pack = [&](int64_t task, int&) {
     const T* src = t.at(task / g.heads, task % g.heads);
     float* dst = out.data() + task * W * D;
     auto slot_of = [&](int64_t sigma) { return reversed ? g.slot_lo + W - 1 - sigma : g.slot_lo + sigma; };
@@ -156,7 +160,15 @@ AlignedBuffer<float> pack_window(const at::Tensor& table, const Geometry& g, boo
         for (int64_t d = 0; d < D; ++d) dst[sigma * D + d] = scale * static_cast<float>(row[d * t.s3]);
       }
     }
-  });
+  };
+  // A parallel region costs more than packing a few windows (and waits for every thread at its end).
+  constexpr int64_t kSerialElements = int64_t(1) << 20;
+  if (pb_count * g.heads * W * D <= kSerialElements) {
+    int unused = 0;
+    for (int64_t task = 0; task < pb_count * g.heads; ++task) pack(task, unused);
+  } else {
+    parallel_tasks<int>(pb_count * g.heads, pack);
+  }
   return out;
 }
 
@@ -193,11 +205,52 @@ void parallel_tasks(int64_t n, const Fn& fn) {
   });
 }
 
-// Heads processed together: two per thread keeps every thread busy with little idling at the group barrier, and a
-// small group keeps the per-head workspace in cache; short sequences take more heads per group (fewer barriers).
-// The grouping never changes what a task computes.
+// Per-head preparation tasks and per-head work tasks in one parallel region. The queue holds every preparation
+// task of head h before the first work task of h (order: prep 0, then prep h + 1 and work h for each h), so a work
+// task only ever waits for preparation tasks that are already running; preparation never waits. Saves the barrier
+// between the two phases. prep(head, index) and work(head, index, state) must not depend on which thread runs them.
+template <typename State, typename Prep, typename Work>
+void pipelined_tasks(int64_t heads, int64_t prep_per_head, int64_t work_per_head, const Prep& prep,
+                     const Work& work) {
+  std::vector<int64_t> queue;  // >= 0: prep task id; < 0: -(work task id) - 1
+  queue.reserve(heads * (prep_per_head + work_per_head));
+  auto push_prep = [&](int64_t h) {
+    for (int64_t i = 0; i < prep_per_head; ++i) queue.push_back(h * prep_per_head + i);
+  };
+  if (heads > 0) push_prep(0);
+  for (int64_t h = 0; h < heads; ++h) {
+    if (h + 1 < heads) push_prep(h + 1);
+    for (int64_t i = 0; i < work_per_head; ++i) queue.push_back(-(h * work_per_head + i) - 1);
+  }
+  std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[std::max<int64_t>(heads, 1)]);
+  for (int64_t h = 0; h < heads; ++h) pending[h].store(prep_per_head, std::memory_order_relaxed);
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  parallel_tasks<State>(static_cast<int64_t>(queue.size()), [&](int64_t t, State& state) {
+    const int64_t entry = queue[t];
+    if (entry >= 0) {
+      const int64_t h = entry / prep_per_head;
+      try {
+        if (!failed.load(std::memory_order_relaxed)) prep(h, entry % prep_per_head);
+      } catch (...) {  // keep counting down, or the work tasks of this head would wait forever
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!failed.exchange(true)) error = std::current_exception();
+      }
+      pending[h].fetch_sub(1, std::memory_order_release);
+      return;
+    }
+    const int64_t id = -entry - 1, h = id / work_per_head;
+    while (pending[h].load(std::memory_order_acquire) > 0) std::this_thread::yield();
+    if (!failed.load(std::memory_order_relaxed)) work(h, id % work_per_head, state);
+  });
+  if (error) std::rethrow_exception(error);
+}
+
+// Heads processed together: as many as fit a 64 MiB workspace (every group costs a parallel region, whose end waits
+// for its slowest thread), at least two per thread. The grouping never changes what a task computes.
 inline int64_t heads_per_group(int64_t total_heads, int64_t bytes_per_head) {
-  constexpr int64_t kSmallGroupBytes = int64_t(32) << 20;
+  constexpr int64_t kSmallGroupBytes = int64_t(64) << 20;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t by_budget = kSmallGroupBytes / std::max<int64_t>(1, bytes_per_head);
   return std::max<int64_t>(1, std::min(total_heads, std::max(2 * threads, by_budget)));

@@ -7,10 +7,11 @@
 //   dK_j  = s (sum_i dS_ij Q_i + sum_sigma H[j, sigma] Pq[sigma])          key-stationary tasks (own dK, dV rows)
 //   dV_j  = sum_i P_ij dO_i  (+ the mean of dO over rows that average V)
 //   dPq^T = s K^T H                                                        per fixed chunk of 256 keys, summed
-// Both passes recompute the scores tile by tile from the saved log-sum-exp. Per group of heads, phase A packs the
+// Both passes recompute the scores tile by tile from the saved log-sum-exp. Per head, preparation tasks pack the
 // transposed operands and the two positional tables, c2p [L, W] (query-major, query-row slot order) and p2c [L, W]
 // (key-major, key-row slot order): each pass reads its own rows' table along the row and the other table column by
-// column (score_rows.h). Phase B runs both passes' tasks, phase C adds the per-chunk positional partials in order.
+// column (score_rows.h). Preparation and both passes' tile tasks share one parallel region per group of heads
+// (pipelined_tasks); afterwards the per-chunk positional partials are added in head and chunk order.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -96,11 +97,12 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
   for (int64_t h0 = 0; h0 < total; h0 += G) {
     const int64_t count = std::min(G, total - h0);
 
-    // Phase A: per chunk of 256 positions, pack keys/values (with the prefix in chunk 0) and queries/out grads,
-    // delta, the padded log-sum-exp, and the two positional tables; per head, the uniform rows' mean of dO.
-    parallel_tasks<int>(count * n_chunks + (uniform_rows ? count : 0), [&](int64_t task, int&) {
-      if (task >= count * n_chunks) {
-        const int64_t gi = task - count * n_chunks, bh = h0 + gi;
+    // Preparation, per head and chunk of 256 positions (pipelined with the tiles, attention_call.h): pack keys /
+    // values (with the prefix in chunk 0) and queries / out grads, delta, the padded log-sum-exp, and the two
+    // positional tables; per head, the uniform rows' mean of dO.
+    auto prepare = [&](int64_t gi, int64_t chunk) {
+      if (chunk == n_chunks) {
+        const int64_t bh = h0 + gi;
         const T* doh = in.dout.at(bh / H, bh % H);
         float* u = uniform.data() + gi * Dv;
         std::fill(u, u + Dv, 0.f);
@@ -111,7 +113,7 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
         for (int64_t d = 0; d < Dv; ++d) u[d] /= static_cast<float>(L);
         return;
       }
-      const int64_t gi = task / n_chunks, chunk = task % n_chunks, bh = h0 + gi, b = bh / H, h = bh % H;
+      const int64_t bh = h0 + gi, b = bh / H, h = bh % H;
       const int64_t c0 = chunk * kChunkRows, c1 = std::min(L, c0 + kChunkRows), n = c1 - c0;
       const int64_t k0 = chunk == 0 ? 0 : P + c0, k1 = P + c1;
       const T* kh = in.k.at(b, h);
@@ -168,19 +170,17 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
         gemm_rr(n, W, D, qsh + c0 * D, D, pk_t_rev.data() + (pb * H + h) * D * W, W, table + c0 * ldW, ldW, false);
         copy_table_edges(table, ldW, W, c0, c1, c2p_edges.data() + gi * 2 * ldL, ldL);
       }
-    });
+    };
 
-    // Phase B: query-stationary tasks, then key-stationary tasks over content keys, then over prefix keys.
-    const int64_t n_query_tasks = count * n_chunks, n_key_tasks = count * n_chunks;
-    parallel_tasks<BackwardWorker>(n_query_tasks + n_key_tasks + count * n_prefix_chunks, [&](int64_t task,
-                                                                                              BackwardWorker& w) {
+    // Tiles, per head: query-stationary chunks, then key-stationary chunks of content keys, then of prefix keys.
+    auto work = [&](int64_t gi, int64_t task, BackwardWorker& w) {
       w.init(g);
       float* S = w.scores.data();
       float* dP = w.grads.data();
       float* col_ok = w.col_ok.data();
-      if (task < n_query_tasks) {
+      if (task < n_chunks) {
         // ---- query rows: dQ and the c2p partial of this chunk ----
-        const int64_t gi = task / n_chunks, chunk = task % n_chunks, bh = h0 + gi, b = bh / H, h = bh % H;
+        const int64_t chunk = task, bh = h0 + gi, b = bh / H, h = bh % H;
         const float* kt_head = kt.data() + gi * kt_size;
         const float* vt_head = vt.data() + gi * vt_size;
         const Rows kr = rows_view(in.k, b, h, krows.data() + gi * N * D, D);
@@ -263,11 +263,9 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
         }
         return;
       }
-      task -= n_query_tasks;
-      const bool prefix_task = task >= n_key_tasks;
-      if (prefix_task) task -= n_key_tasks;
-      const int64_t per = prefix_task ? n_prefix_chunks : n_chunks;
-      const int64_t gi = task / per, chunk = task % per, bh = h0 + gi, b = bh / H, h = bh % H;
+      const bool prefix_task = task >= 2 * n_chunks;
+      const int64_t chunk = prefix_task ? task - 2 * n_chunks : task - n_chunks;
+      const int64_t bh = h0 + gi, b = bh / H, h = bh % H;
       // ---- key rows: dK, dV and (content keys) the p2c partial of this chunk ----
       const Rows kr = rows_view(in.k, b, h, krows.data() + gi * N * D, D);
       const Rows vr = rows_view(in.v, b, h, vrows.data() + gi * N * Dv, Dv);
@@ -360,9 +358,11 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
         store_rows(acc, D, bn, D, 1.f, dk + ((b * N + key0) * H + h) * D, H * D, 1);
         store_rows(acc_v, Dv, bn, Dv, 1.f, dv + ((b * N + key0) * H + h) * Dv, H * Dv, 1);
       }
-    });
+    };
+    pipelined_tasks<BackwardWorker>(count, n_chunks + (uniform_rows ? 1 : 0), 2 * n_chunks + n_prefix_chunks,
+                                    prepare, work);
 
-    // Phase C: positional partials of these heads, in head and chunk order.
+    // Positional partials of these heads, in head and chunk order.
     for (int64_t gi = 0; gi < count; ++gi) {
       const int64_t bh = h0 + gi, b = bh / H, h = bh % H;
       if (g.c2p) {

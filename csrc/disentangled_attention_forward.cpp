@@ -1,13 +1,13 @@
 // Forward pass: query-stationary tiles with an online softmax.
 //
-// Per group of heads, phase A packs K^T in panels (and V, K rows when they are not fp32 rows) and the key-major
-// p2c table
-//   p2c[j, tau] = s K_j . Pq[lo + tau]        [L, W], W <= 2S slots reachable at this length,
-// then phase B runs one task per (head, block of 64 queries): the block's c2p scores against every slot of the window
-// (Q_blk Pk^T, [64, W]), then for each block of 128 keys the content scores Q_blk K_blk^T plus the positional terms
+// Per head, preparation tasks pack K^T in panels (and V, K rows when they are not fp32 rows) and the key-major p2c
+// table
+//   p2c[j, tau] = s K_j . Pq[lo + tau]        [L, W], W <= 2S slots reachable at this length;
+// tile tasks, one per (head, block of 128 queries), compute the block's c2p scores against every slot of the window
+// (Q_blk Pk^T, [128, W]), then for each block of 128 keys the content scores Q_blk K_blk^T plus the positional terms
 // (c2p picked along each query row, p2c built key by key and transposed; constant / linear / general tiles, see
 // slot_index.h), masking and the online softmax update of the running output. The log-sum-exp of every row is
-// saved for the backward pass.
+// saved for the backward pass. Both kinds of task share one parallel region per group of heads (pipelined_tasks).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
@@ -91,10 +91,11 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
   for (int64_t h0 = 0; h0 < total; h0 += G) {
     const int64_t count = std::min(G, total - h0);
 
-    // Phase A: K^T panels, V / K rows and the p2c table of these heads, by chunks of keys; mean of V per head.
-    parallel_tasks<int>(count * n_chunks + (uniform_rows ? count : 0), [&](int64_t task, int&) {
-      if (task >= count * n_chunks) {
-        const int64_t gi = task - count * n_chunks, bh = h0 + gi;
+    // Preparation, per head (pipelined with the tiles, attention_call.h): K^T panels, V / K rows and the p2c table
+    // by chunks of keys; the mean of V.
+    auto prepare = [&](int64_t gi, int64_t chunk) {
+      if (chunk == n_chunks) {
+        const int64_t bh = h0 + gi;
         const T* vh = v.at(bh / H, bh % H);
         float* mv = mean_v.data() + gi * Dv;
         for (int64_t d = 0; d < Dv; ++d) {
@@ -104,7 +105,7 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
         }
         return;
       }
-      const int64_t gi = task / n_chunks, chunk = task % n_chunks, bh = h0 + gi, b = bh / H, h = bh % H;
+      const int64_t bh = h0 + gi, b = bh / H, h = bh % H;
       const int64_t c0 = chunk * kPackChunk, c1 = std::min(L, c0 + kPackChunk);
       const int64_t k0 = chunk == 0 ? 0 : P + c0, k1 = P + c1;  // the first chunk also handles the prefix keys
       const T* kh = k.at(b, h);
@@ -123,12 +124,12 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
                 false);
         copy_table_edges(table, ldW, W, c0, c1, p2c_edges.data() + gi * 2 * ldL, ldL);
       }
-    });
+    };
 
-    // Phase B: one task per (head, block of query rows).
-    parallel_tasks<ForwardWorker>(count * n_blocks, [&](int64_t task, ForwardWorker& w) {
+    // Tiles: one task per (head, block of query rows).
+    auto attend = [&](int64_t gi, int64_t blk, ForwardWorker& w) {
       w.init(g);
-      const int64_t gi = task / n_blocks, blk = task % n_blocks, bh = h0 + gi, b = bh / H, h = bh % H;
+      const int64_t bh = h0 + gi, b = bh / H, h = bh % H;
       const int64_t i0 = blk * kBlockRows, bm = std::min(kBlockRows, L - i0);
       float* qs = w.qs.data();
       pack_rows(q.at(b, h) + i0 * q.s2, q.s2, q.s3, bm, D, g.scale, qs, D);
@@ -218,7 +219,8 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
           *row_lse = std::numeric_limits<float>::infinity();
         }
       }
-    });
+    };
+    pipelined_tasks<ForwardWorker>(count, n_chunks + (uniform_rows ? 1 : 0), n_blocks, prepare, attend);
   }
 }
 
