@@ -20,6 +20,31 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t vec_width() { return Vec::size(); }
 
+// Horizontal sum / max of one vector (the generic Vectorized<float>::reduce_add of ATen's DEFAULT build does not
+// compile, so that build reduces through memory).
+inline float lanes_sum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return v.reduce_add();
+#else
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float total = 0.f;
+  for (int64_t k = 0; k < Vec::size(); ++k) total += lanes[k];
+  return total;
+#endif
+}
+inline float lanes_max(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return v.reduce_max();
+#else
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float best = lanes[0];
+  for (int64_t k = 1; k < Vec::size(); ++k) best = lanes[k] > best ? lanes[k] : best;
+  return best;
+#endif
+}
+
 // base[idx[k]] for the Vec::size() lanes k, where idx is non-decreasing with steps of 0 or 1 (slot indices along a
 // tile row or column), so every lane lies in base[idx[0] .. idx[0] + Vec::size()). One unaligned load and a lane
 // permutation instead of a gather (several times faster); reads up to Vec::size() - 1 floats past the last index.
@@ -72,7 +97,7 @@ inline float finish_row(float* row, int64_t cols_padded, const float* col_ok, co
     v.store(row + c);
     vmax0 = at::vec::maximum(vmax0, v);
   }
-  return at::vec::maximum(vmax0, vmax1).reduce_max();
+  return lanes_max(at::vec::maximum(vmax0, vmax1));
 }
 
 template <bool kMasked>
@@ -184,7 +209,7 @@ inline float exp_and_sum(float* row, int64_t cols_padded, float m) {
     p.store(row + c);
     acc0 = acc0 + p;
   }
-  return (acc0 + acc1).reduce_add();
+  return lanes_sum(acc0 + acc1);
 }
 
 // Backward, one row with a scalar log-sum-exp and delta (query rows):
@@ -242,7 +267,7 @@ inline void scatter_to_slots(const float* ds, int64_t cols, TileKind kind, const
       int64_t c = 0;
       Vec acc(0.f);
       for (; c + Vec::size() <= cols; c += Vec::size()) acc = acc + Vec::loadu(ds + c);
-      total = acc.reduce_add();
+      total = lanes_sum(acc);
       for (; c < cols; ++c) total += ds[c];
       grad_row[sigma[0]] += total;
       break;
