@@ -21,6 +21,7 @@
 #include "attention_geometry.h"
 #include "packing.h"
 #include "slot_index.h"
+#include "workspace.h"
 
 namespace deberta_fast_cpu {
 
@@ -139,14 +140,13 @@ void parallel_tasks(int64_t n, const Fn& fn);
 // The slots [lo, lo + W) of one positional table [PB, H, 2S, D], packed per (pb, h) in fp32:
 // rows [W, D] or transposed [D, W]; `reversed` stores slot lo + W - 1 - sigma at sigma.
 template <typename T>
-AlignedBuffer<float> pack_window(const at::Tensor& table, const Geometry& g, bool reversed, bool transposed,
-                                 float scale) {
+void pack_window(const at::Tensor& table, const Geometry& g, bool reversed, bool transposed, float scale,
+                 float* out) {
   const Strided4<T> t(table);
   const int64_t pb_count = table.size(0), W = g.window, D = g.head_dim;
-  AlignedBuffer<float> out(pb_count * g.heads * W * D, false);
   auto pack = [&](int64_t task, int&) {
     const T* src = t.at(task / g.heads, task % g.heads);
-    float* dst = out.data() + task * W * D;
+    float* dst = out + task * W * D;
     auto slot_of = [&](int64_t sigma) { return reversed ? g.slot_lo + W - 1 - sigma : g.slot_lo + sigma; };
     if (transposed) {  // dst[d, sigma], written contiguously
       for (int64_t d = 0; d < D; ++d) {
@@ -169,7 +169,10 @@ AlignedBuffer<float> pack_window(const at::Tensor& table, const Geometry& g, boo
   } else {
     parallel_tasks<int>(pb_count * g.heads, pack);
   }
-  return out;
+}
+
+inline int64_t window_size(const std::optional<at::Tensor>& table, const Geometry& g) {
+  return table.has_value() ? table->size(0) * g.heads * g.window * g.head_dim : 0;
 }
 
 // Operands read as the right-hand side of tile products are stored transposed in panels of kBlockCols tokens:

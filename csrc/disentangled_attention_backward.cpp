@@ -29,21 +29,27 @@ namespace deberta_fast_cpu {
 namespace {
 
 struct BackwardWorker {
-  AlignedBuffer<float> scores, grads, slot_grad, acc, acc_v, col_ok, col_scratch, col_terms;
+  Block scores, grads, slot_grad, acc, acc_v, col_ok, col_scratch, col_terms;
   bool ready = false;
 
   void init(const Geometry& g) {
     if (ready) return;
     ready = true;
     const int64_t cols = round_up(kBlockCols, 16);
-    scores.reset(kBlockRows * cols);
-    grads.reset(kBlockRows * cols);
-    slot_grad.reset(g.positions() ? kBlockRows * g.window : 0);
-    acc.reset(kBlockRows * g.head_dim);
-    acc_v.reset(kBlockRows * g.value_dim);
-    col_ok.reset(cols);
-    col_scratch.reset(g.positions() ? kBlockCols * round_up(kBlockRows, 16) : 0);
-    col_terms.reset(g.positions() ? kBlockRows * cols : 0);
+    Carver plan;
+    const int64_t o_s = plan.add(kBlockRows * cols), o_g = plan.add(kBlockRows * cols),
+                  o_slot = plan.add(kBlockRows * g.window), o_acc = plan.add(kBlockRows * g.head_dim),
+                  o_accv = plan.add(kBlockRows * g.value_dim), o_ok = plan.add(cols),
+                  o_cs = plan.add(kBlockCols * round_up(kBlockRows, 16)), o_ct = plan.add(kBlockRows * cols);
+    float* base = thread_scratch(plan.total());
+    scores.ptr = base + o_s;
+    grads.ptr = base + o_g;
+    slot_grad.ptr = base + o_slot;
+    acc.ptr = base + o_acc;
+    acc_v.ptr = base + o_accv;
+    col_ok.ptr = base + o_ok;
+    col_scratch.ptr = base + o_cs;
+    col_terms.ptr = base + o_ct;
   }
 };
 
@@ -63,15 +69,6 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
   const float inf = std::numeric_limits<float>::infinity();
 
   // Positional windows. Query rows read slots in reversed order (slot_index.h), key rows in natural order.
-  AlignedBuffer<float> pk_t_rev, pk_rev, pq_t, pq;
-  if (g.c2p) {
-    pk_t_rev = pack_window<T>(*pos_key, g, true, true, 1.f);   // [D, W]: c2p table
-    pk_rev = pack_window<T>(*pos_key, g, true, false, 1.f);    // [W, D]: dQ += G Pk
-  }
-  if (g.p2c) {
-    pq_t = pack_window<T>(*pos_query, g, false, true, g.scale);   // [D, W]: p2c table
-    pq = pack_window<T>(*pos_query, g, false, false, g.scale);    // [W, D]: dK += H Pq
-  }
 
   const bool pack_k = needs_row_pack(in.k), pack_v = needs_row_pack(in.v), pack_do = needs_row_pack(in.dout);
   const bool uniform_rows = mask.present && P == 0;
@@ -87,12 +84,37 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
   const int64_t total = g.batch * H;
   const int64_t G = heads_per_group(total, per_head);
 
-  AlignedBuffer<float> kt(G * kt_size, false), vt(G * vt_size, false), krows(pack_k ? G * N * D : 0, false),
-      vrows(pack_v ? G * N * Dv : 0, false), qs(G * L * D, false), qst(G * qt_size, false),
-      dorows(pack_do ? G * L * Dv : 0, false), dot(G * dot_size, false), lse_pad(G * ldL, false),
-      delta_pad(G * ldL, false), tab_p2c(g.p2c ? G * L * ldW : 0, false), tab_c2p(g.c2p ? G * L * ldW : 0, false),
-      p2c_edges(g.p2c ? G * 2 * ldL : 0), c2p_edges(g.c2p ? G * 2 * ldL : 0), uniform(uniform_rows ? G * Dv : 0),
-      dpk_part(g.c2p ? G * n_chunks * W * D : 0, false), dpq_part(g.p2c ? G * n_chunks * W * D : 0, false);
+  Carver plan;
+  const int64_t o_pkt = plan.add(window_size(pos_key, g)), o_pk = plan.add(window_size(pos_key, g)),
+                o_pqt = plan.add(window_size(pos_query, g)), o_pq = plan.add(window_size(pos_query, g)),
+                o_kt = plan.add(G * kt_size), o_vt = plan.add(G * vt_size), o_kr = plan.add(pack_k ? G * N * D : 0),
+                o_vr = plan.add(pack_v ? G * N * Dv : 0), o_qs = plan.add(G * L * D), o_qst = plan.add(G * qt_size),
+                o_dor = plan.add(pack_do ? G * L * Dv : 0), o_dot = plan.add(G * dot_size),
+                o_lse = plan.add(G * ldL), o_delta = plan.add(G * ldL), o_tp = plan.add(g.p2c ? G * L * ldW : 0),
+                o_tc = plan.add(g.c2p ? G * L * ldW : 0), o_ep = plan.add(g.p2c ? G * 2 * ldL : 0),
+                o_ec = plan.add(g.c2p ? G * 2 * ldL : 0), o_u = plan.add(uniform_rows ? G * Dv : 0),
+                o_dpk = plan.add(g.c2p ? G * n_chunks * W * D : 0), o_dpq = plan.add(g.p2c ? G * n_chunks * W * D : 0);
+  Workspace workspace(plan.total());
+  float* base = workspace.data();
+  const Block pk_t_rev{base + o_pkt}, pk_rev{base + o_pk}, pq_t{base + o_pqt}, pq{base + o_pq}, kt{base + o_kt},
+      vt{base + o_vt}, krows{base + o_kr}, vrows{base + o_vr}, qs{base + o_qs}, qst{base + o_qst},
+      dorows{base + o_dor}, dot{base + o_dot}, lse_pad{base + o_lse}, delta_pad{base + o_delta},
+      tab_p2c{base + o_tp}, tab_c2p{base + o_tc}, p2c_edges{base + o_ep}, c2p_edges{base + o_ec},
+      uniform{base + o_u}, dpk_part{base + o_dpk}, dpq_part{base + o_dpq};
+  if (g.c2p) {
+    pack_window<T>(*pos_key, g, true, true, 1.f, pk_t_rev.data());  // [D, W]: c2p table
+    pack_window<T>(*pos_key, g, true, false, 1.f, pk_rev.data());   // [W, D]: dQ += G Pk
+  }
+  if (g.p2c) {
+    pack_window<T>(*pos_query, g, false, true, g.scale, pq_t.data());  // [D, W]: p2c table
+    pack_window<T>(*pos_query, g, false, false, g.scale, pq.data());   // [W, D]: dK += H Pq
+  }
+  // Constant tiles read the edge columns over whole padded tiles: keep the padding finite.
+  auto zero_padding = [&](float* edges) {
+    for (int64_t e = 0; e < G * 2; ++e) std::fill(edges + e * ldL + L, edges + (e + 1) * ldL, 0.f);
+  };
+  if (g.p2c) zero_padding(p2c_edges.data());
+  if (g.c2p) zero_padding(c2p_edges.data());
 
   for (int64_t h0 = 0; h0 < total; h0 += G) {
     const int64_t count = std::min(G, total - h0);

@@ -26,22 +26,28 @@ namespace {
 constexpr int64_t kPackChunk = 256;
 
 struct ForwardWorker {
-  AlignedBuffer<float> qs, c2p, scores, acc, col_ok, row_max, row_sum, col_scratch, col_terms;
+  Block qs, c2p, scores, acc, col_ok, row_max, row_sum, col_scratch, col_terms;
   bool ready = false;
 
   void init(const Geometry& g) {
     if (ready) return;
     ready = true;
     const int64_t cols = round_up(kBlockCols, 16);
-    qs.reset(kBlockRows * g.head_dim);
-    c2p.reset(g.c2p ? kBlockRows * padded_pitch(g.window) : 0);
-    scores.reset(kBlockRows * cols);
-    acc.reset(kBlockRows * g.value_dim);
-    col_ok.reset(cols);
-    row_max.reset(kBlockRows);
-    row_sum.reset(kBlockRows);
-    col_scratch.reset(g.p2c ? kBlockCols * round_up(kBlockRows, 16) : 0);
-    col_terms.reset(g.p2c ? kBlockRows * cols : 0);
+    Carver plan;
+    const int64_t o_qs = plan.add(kBlockRows * g.head_dim), o_c2p = plan.add(kBlockRows * padded_pitch(g.window)),
+                  o_scores = plan.add(kBlockRows * cols), o_acc = plan.add(kBlockRows * g.value_dim),
+                  o_ok = plan.add(cols), o_max = plan.add(kBlockRows), o_sum = plan.add(kBlockRows),
+                  o_cs = plan.add(kBlockCols * round_up(kBlockRows, 16)), o_ct = plan.add(kBlockRows * cols);
+    float* base = thread_scratch(plan.total());
+    qs.ptr = base + o_qs;
+    c2p.ptr = base + o_c2p;
+    scores.ptr = base + o_scores;
+    acc.ptr = base + o_acc;
+    col_ok.ptr = base + o_ok;
+    row_max.ptr = base + o_max;
+    row_sum.ptr = base + o_sum;
+    col_scratch.ptr = base + o_cs;
+    col_terms.ptr = base + o_ct;
   }
 };
 
@@ -70,9 +76,6 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
   const int64_t vw = vec_width();
 
   // c2p: [D, W] with query-row slot order (reversed); p2c: [D, W] scaled, natural slot order.
-  AlignedBuffer<float> pk_t_rev, pq_t;
-  if (g.c2p) pk_t_rev = pack_window<T>(*pos_key, g, /*reversed=*/true, /*transposed=*/true, 1.f);
-  if (g.p2c) pq_t = pack_window<T>(*pos_query, g, /*reversed=*/false, /*transposed=*/true, g.scale);
 
   const bool pack_v = needs_row_pack(v);
   const bool pack_k = g.p2c && needs_row_pack(k);
@@ -82,9 +85,23 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
                                                      (pack_k ? N * D : 0) + (g.p2c ? L * ldW : 0));
   const int64_t total = g.batch * H;
   const int64_t G = heads_per_group(total, per_head);
-  AlignedBuffer<float> kt(G * (kt_content + kt_prefix), false), vrows(pack_v ? G * N * Dv : 0, false),
-      krows(pack_k ? G * N * D : 0, false), p2c(g.p2c ? G * L * ldW : 0, false),
-      p2c_edges(g.p2c ? G * 2 * ldL : 0), mean_v(uniform_rows ? G * Dv : 0);
+  Carver plan;
+  const int64_t o_pk = plan.add(window_size(pos_key, g)), o_pq = plan.add(window_size(pos_query, g)),
+                o_kt = plan.add(G * (kt_content + kt_prefix)), o_v = plan.add(pack_v ? G * N * Dv : 0),
+                o_k = plan.add(pack_k ? G * N * D : 0), o_p2c = plan.add(g.p2c ? G * L * ldW : 0),
+                o_edges = plan.add(g.p2c ? G * 2 * ldL : 0), o_mean = plan.add(uniform_rows ? G * Dv : 0);
+  Workspace workspace(plan.total());
+  float* base = workspace.data();
+  const Block pk_t_rev{base + o_pk}, pq_t{base + o_pq}, kt{base + o_kt}, vrows{base + o_v}, krows{base + o_k},
+      p2c{base + o_p2c}, p2c_edges{base + o_edges}, mean_v{base + o_mean};
+  if (g.c2p) pack_window<T>(*pos_key, g, /*reversed=*/true, /*transposed=*/true, 1.f, pk_t_rev.data());
+  if (g.p2c) {
+    pack_window<T>(*pos_query, g, /*reversed=*/false, /*transposed=*/true, g.scale, pq_t.data());
+    // Constant tiles read the edge columns over whole padded tiles: keep the padding finite.
+    for (int64_t e = 0; e < G * 2; ++e) {
+      std::fill(p2c_edges.data() + e * ldL + L, p2c_edges.data() + (e + 1) * ldL, 0.f);
+    }
+  }
 
   const int64_t n_chunks = (L + kPackChunk - 1) / kPackChunk;
   const int64_t n_blocks = (L + kBlockRows - 1) / kBlockRows;
