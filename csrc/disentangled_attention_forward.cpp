@@ -3,7 +3,7 @@
 // Per head, preparation tasks pack K^T in panels (and V, K rows when they are not fp32 rows) and the key-major p2c
 // table
 //   p2c[j, tau] = s K_j . Pq[lo + tau]        [L, W], W <= 2S slots reachable at this length;
-// tile tasks, one per (head, block of 128 queries), compute the block's c2p scores against every slot of the window
+// tile tasks, one per (head, two blocks of 128 queries), compute each block's c2p scores against every slot of the window
 // (Q_blk Pk^T, [128, W]), then for each block of 128 keys the content scores Q_blk K_blk^T plus the positional terms
 // (c2p picked along each query row, p2c built key by key and transposed; constant / linear / general tiles, see
 // slot_index.h), masking and the online softmax update of the running output. The log-sum-exp of every row is
@@ -24,6 +24,7 @@ namespace deberta_fast_cpu {
 namespace {
 
 constexpr int64_t kPackChunk = 256;
+constexpr int64_t kTaskBlocks = 2;  // row blocks per tile task
 
 struct ForwardWorker {
   Block qs, c2p, scores, acc, col_ok, row_max, row_sum, col_scratch, col_terms;
@@ -34,9 +35,10 @@ struct ForwardWorker {
     ready = true;
     const int64_t cols = round_up(kBlockCols, 16);
     Carver plan;
-    const int64_t o_qs = plan.add(kBlockRows * g.head_dim), o_c2p = plan.add(kBlockRows * padded_pitch(g.window)),
-                  o_scores = plan.add(kBlockRows * cols), o_acc = plan.add(kBlockRows * g.value_dim),
-                  o_ok = plan.add(cols), o_max = plan.add(kBlockRows), o_sum = plan.add(kBlockRows),
+    const int64_t rows = kTaskBlocks * kBlockRows;
+    const int64_t o_qs = plan.add(rows * g.head_dim), o_c2p = plan.add(rows * padded_pitch(g.window)),
+                  o_scores = plan.add(kBlockRows * cols), o_acc = plan.add(rows * g.value_dim),
+                  o_ok = plan.add(cols), o_max = plan.add(rows), o_sum = plan.add(rows),
                   o_cs = plan.add(kBlockCols * round_up(kBlockRows, 16)), o_ct = plan.add(kBlockRows * cols);
     float* base = thread_scratch(plan.total());
     qs.ptr = base + o_qs;
@@ -104,7 +106,7 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
   }
 
   const int64_t n_chunks = (L + kPackChunk - 1) / kPackChunk;
-  const int64_t n_blocks = (L + kBlockRows - 1) / kBlockRows;
+  const int64_t n_tasks = (L + kTaskBlocks * kBlockRows - 1) / (kTaskBlocks * kBlockRows);
   for (int64_t h0 = 0; h0 < total; h0 += G) {
     const int64_t count = std::min(G, total - h0);
 
@@ -143,101 +145,130 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
       }
     };
 
-    // Tiles: one task per (head, block of query rows).
-    auto attend = [&](int64_t gi, int64_t blk, ForwardWorker& w) {
+    // Tiles: one task per (head, kTaskBlocks blocks of query rows). Key blocks are the outer loop, so a key block's
+    // K^T panel, V rows and p2c table rows are read from cache by every row block of the task. Each row still sees
+    // the key blocks in the same order, so the grouping does not change any result.
+    auto attend = [&](int64_t gi, int64_t task, ForwardWorker& w) {
       w.init(g);
       const int64_t bh = h0 + gi, b = bh / H, h = bh % H;
-      const int64_t i0 = blk * kBlockRows, bm = std::min(kBlockRows, L - i0);
-      float* qs = w.qs.data();
-      pack_rows(q.at(b, h) + i0 * q.s2, q.s2, q.s3, bm, D, g.scale, qs, D);
+      const int64_t row0 = task * kTaskBlocks * kBlockRows;
+      const int64_t blocks = std::min(kTaskBlocks, (L - row0 + kBlockRows - 1) / kBlockRows);
       const float* kt_head = kt.data() + gi * (kt_content + kt_prefix);
       const Rows vr = rows_view(v, b, h, vrows.data() + gi * N * Dv, Dv);
+      const float* p2c_head = g.p2c ? p2c.data() + gi * L * ldW : nullptr;
       float* S = w.scores.data();
-      float* acc = w.acc.data();
       float* col_ok = w.col_ok.data();
-      float* m = w.row_max.data();
-      float* l = w.row_sum.data();
-      std::memset(acc, 0, sizeof(float) * bm * Dv);
-      bool row_ok[kBlockRows];
-      int64_t valid_rows = 0;
-      for (int64_t r = 0; r < bm; ++r) {
-        m[r] = kNegInf;
-        l[r] = 0.f;
-        row_ok[r] = mask.ok(b, i0 + r);
-        valid_rows += row_ok[r];
-      }
-      float* c2p_blk = w.c2p.data();
-      if (g.c2p && valid_rows > 0) {
-        const int64_t pb = g.pos_key_batch == 1 ? 0 : b;
-        gemm_rr(bm, W, D, qs, D, pk_t_rev.data() + (pb * H + h) * D * W, W, c2p_blk, ldW, false);
+      bool row_ok[kTaskBlocks][kBlockRows];
+      int64_t valid_rows[kTaskBlocks];
+      int64_t any_valid_rows = 0;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t i0 = row0 + blk * kBlockRows, bm = std::min(kBlockRows, L - i0);
+        float* qs = w.qs.data() + blk * kBlockRows * D;
+        pack_rows(q.at(b, h) + i0 * q.s2, q.s2, q.s3, bm, D, g.scale, qs, D);
+        std::memset(w.acc.data() + blk * kBlockRows * Dv, 0, sizeof(float) * bm * Dv);
+        valid_rows[blk] = 0;
+        for (int64_t r = 0; r < bm; ++r) {
+          w.row_max.data()[blk * kBlockRows + r] = kNegInf;
+          w.row_sum.data()[blk * kBlockRows + r] = 0.f;
+          row_ok[blk][r] = mask.ok(b, i0 + r);
+          valid_rows[blk] += row_ok[blk][r];
+        }
+        any_valid_rows += valid_rows[blk];
+        if (g.c2p && valid_rows[blk] > 0) {
+          const int64_t pb = g.pos_key_batch == 1 ? 0 : b;
+          gemm_rr(bm, W, D, qs, D, pk_t_rev.data() + (pb * H + h) * D * W, W,
+                  w.c2p.data() + blk * kBlockRows * ldW, ldW, false);
+        }
       }
 
       // Prefix keys: valid for every query, no positional term.
       for (int64_t p0 = 0; p0 < P; p0 += kBlockCols) {
         const int64_t pn = std::min(kBlockCols, P - p0), pnp = round_up(pn, vw);
-        gemm_rr(bm, pn, D, qs, D, panel_at(kt_head + kt_content, D, p0), kBlockCols, S, ldS, false);
         for (int64_t c = 0; c < pnp; ++c) col_ok[c] = c < pn ? 1.f : 0.f;
-        for (int64_t r = 0; r < bm; ++r) {
-          float* row = S + r * ldS;
-          const float mx = add_positions_and_mask(row, pnp, nullptr, col_ok, pn == pnp);
-          online_update(row, pnp, mx, m[r], l[r], acc + r * Dv, Dv);
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const int64_t i0 = row0 + blk * kBlockRows, bm = std::min(kBlockRows, L - i0);
+          float* acc = w.acc.data() + blk * kBlockRows * Dv;
+          float* m = w.row_max.data() + blk * kBlockRows;
+          float* l = w.row_sum.data() + blk * kBlockRows;
+          gemm_rr(bm, pn, D, w.qs.data() + blk * kBlockRows * D, D, panel_at(kt_head + kt_content, D, p0), kBlockCols,
+                  S, ldS, false);
+          for (int64_t r = 0; r < bm; ++r) {
+            float* row = S + r * ldS;
+            const float mx = add_positions_and_mask(row, pnp, nullptr, col_ok, pn == pnp);
+            online_update(row, pnp, mx, m[r], l[r], acc + r * Dv, Dv);
+          }
+          gemm_rr(bm, Dv, pn, S, ldS, vr.row(p0), vr.ld, acc, Dv, true);
         }
-        gemm_rr(bm, Dv, pn, S, ldS, vr.row(p0), vr.ld, acc, Dv, true);
       }
 
       // Content keys.
-      const float* p2c_head = g.p2c ? p2c.data() + gi * L * ldW : nullptr;
-      for (int64_t j0 = 0; valid_rows > 0 && j0 < L; j0 += kBlockCols) {
+      for (int64_t j0 = 0; any_valid_rows > 0 && j0 < L; j0 += kBlockCols) {
         const int64_t bn = std::min(kBlockCols, L - j0), bnp = round_up(bn, vw);
-        if (mask.count(b, j0, j0 + bn) == 0) continue;  // every pair masked: contributes exactly nothing
-        gemm_rr(bm, bn, D, qs, D, panel_at(kt_head, D, j0), kBlockCols, S, ldS, false);
+        const int64_t valid_keys = mask.count(b, j0, j0 + bn);
+        if (valid_keys == 0) continue;  // every pair masked: contributes exactly nothing
         mask.fill(b, j0, bn, bnp, col_ok);
-        const bool all_valid = bn == bnp && mask.count(b, j0, j0 + bn) == bn;
-        RowPositions rp;
-        const float* col_terms = nullptr;
-        int64_t col_stride = 0;
-        if (g.positions()) {
-          rp.kind = slots.query_rows.classify(i0, bm, j0, bnp);
-          if (g.p2c) {
-            col_terms = build_column_terms(p2c_head, ldW, W, p2c_edges.data() + gi * 2 * ldL, ldL, slots.key_rows,
-                                           rp.kind, i0, bm, j0, bn, w.col_scratch.data(), w.col_terms.data(), ldS,
-                                           &col_stride);
-          }
-        }
-        for (int64_t r = 0; r < bm; ++r) {
-          float* row = S + r * ldS;
-          if (!row_ok[r]) {
-            std::memset(row, 0, sizeof(float) * bnp);
-            continue;
-          }
+        const bool all_valid = bn == bnp && valid_keys == bn;
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          if (valid_rows[blk] == 0) continue;
+          const int64_t i0 = row0 + blk * kBlockRows, bm = std::min(kBlockRows, L - i0);
+          float* acc = w.acc.data() + blk * kBlockRows * Dv;
+          float* m = w.row_max.data() + blk * kBlockRows;
+          float* l = w.row_sum.data() + blk * kBlockRows;
+          const float* c2p_blk = w.c2p.data() + blk * kBlockRows * ldW;
+          gemm_rr(bm, bn, D, w.qs.data() + blk * kBlockRows * D, D, panel_at(kt_head, D, j0), kBlockCols, S, ldS,
+                  false);
+          RowPositions rp;
+          const float* col_terms = nullptr;
+          int64_t col_stride = 0;
           if (g.positions()) {
-            rp.sigma = slots.query_rows.row_ptr(i0 + r, j0);
-            rp.row_term = g.c2p ? c2p_blk + r * ldW : nullptr;
-            rp.col_term = g.p2c ? col_terms + r * col_stride : nullptr;
+            rp.kind = slots.query_rows.classify(i0, bm, j0, bnp);
+            if (g.p2c) {
+              col_terms = build_column_terms(p2c_head, ldW, W, p2c_edges.data() + gi * 2 * ldL, ldL, slots.key_rows,
+                                             rp.kind, i0, bm, j0, bn, w.col_scratch.data(), w.col_terms.data(), ldS,
+                                             &col_stride);
+            }
           }
-          const float mx = add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok, all_valid);
-          online_update(row, bnp, mx, m[r], l[r], acc + r * Dv, Dv);
+          for (int64_t r = 0; r < bm; ++r) {
+            float* row = S + r * ldS;
+            if (!row_ok[blk][r]) {
+              std::memset(row, 0, sizeof(float) * bnp);
+              continue;
+            }
+            if (g.positions()) {
+              rp.sigma = slots.query_rows.row_ptr(i0 + r, j0);
+              rp.row_term = g.c2p ? c2p_blk + r * ldW : nullptr;
+              rp.col_term = g.p2c ? col_terms + r * col_stride : nullptr;
+            }
+            const float mx = add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok, all_valid);
+            online_update(row, bnp, mx, m[r], l[r], acc + r * Dv, Dv);
+          }
+          gemm_rr(bm, Dv, bn, S, ldS, vr.row(P + j0), vr.ld, acc, Dv, true);
         }
-        gemm_rr(bm, Dv, bn, S, ldS, vr.row(P + j0), vr.ld, acc, Dv, true);
       }
 
-      for (int64_t r = 0; r < bm; ++r) {
-        const int64_t i = i0 + r;
-        T* o = out + ((b * L + i) * H + h) * Dv;
-        float* row_lse = lse + bh * L + i;
-        if (l[r] > 0.f) {
-          const float inv = 1.f / l[r];
-          for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(acc[r * Dv + d] * inv);
-          *row_lse = m[r] + std::log(l[r]);
-        } else {
-          TORCH_CHECK(uniform_rows, "deberta_fast_cpu: a score row without any valid key");
-          const float* mv = mean_v.data() + gi * Dv;
-          for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(mv[d]);
-          *row_lse = std::numeric_limits<float>::infinity();
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t i0 = row0 + blk * kBlockRows, bm = std::min(kBlockRows, L - i0);
+        const float* acc = w.acc.data() + blk * kBlockRows * Dv;
+        const float* m = w.row_max.data() + blk * kBlockRows;
+        const float* l = w.row_sum.data() + blk * kBlockRows;
+        for (int64_t r = 0; r < bm; ++r) {
+          const int64_t i = i0 + r;
+          T* o = out + ((b * L + i) * H + h) * Dv;
+          float* row_lse = lse + bh * L + i;
+          if (l[r] > 0.f) {
+            const float inv = 1.f / l[r];
+            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(acc[r * Dv + d] * inv);
+            *row_lse = m[r] + std::log(l[r]);
+          } else {
+            TORCH_CHECK(uniform_rows, "deberta_fast_cpu: a score row without any valid key");
+            const float* mv = mean_v.data() + gi * Dv;
+            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(mv[d]);
+            *row_lse = std::numeric_limits<float>::infinity();
+          }
         }
       }
     };
-    pipelined_tasks<ForwardWorker>(count, n_chunks + (uniform_rows ? 1 : 0), n_blocks, prepare, attend);
+    pipelined_tasks<ForwardWorker>(count, n_chunks + (uniform_rows ? 1 : 0), n_tasks, prepare, attend);
   }
 }
 
