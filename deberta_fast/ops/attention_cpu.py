@@ -8,7 +8,12 @@ build error becomes the reason that ``auto`` logs once before falling back to th
 
 Served: fp32 / bf16 / fp16 CPU tensors, c2p, p2c, both or no positional term (bucketed or not), a [B, L] token mask
 with transformers' empty-row behaviour, prefix keys, positional tables with batch dimension 1 or B, any scale.
-Not served (the reference runs them): output_attentions, attention dropout (dropout_p > 0), [B, 1|H, L, L] pair masks.
+Not served (the reference runs them): output_attentions, attention dropout (dropout_p > 0, so training with
+attention_probs_dropout_prob > 0 uses the reference), [B, 1|H, L, L] pair masks, empty sequences.
+
+Memory: O(L·D) per head plus, per group of heads in flight, the [L, W] positional tables (W <= 2S slots), bounded by a
+64 MiB budget. That workspace is reused across calls and stays allocated for the life of the process (fresh pages
+would be faulted in on every call), as does a small per-thread tile scratch.
 """
 
 from __future__ import annotations
