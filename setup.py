@@ -11,10 +11,12 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_namespace_packages(include=["deberta_fast", "deberta_fast.*"]) + ["deberta_fast.triton_kernels"],
-    # The folder triton_kernels/ is installed under deberta_fast: the top-level name belongs to other packages.
-    package_dir={"deberta_fast.triton_kernels": "triton_kernels"},
-    package_data={"deberta_fast.data.movie_reviews": ["*.jsonl", "*.txt", "*.md"]},
+    packages=find_namespace_packages(include=["deberta_fast", "deberta_fast.*"])
+    + ["deberta_fast.triton_kernels", "deberta_fast.csrc"],
+    # The folders triton_kernels/ and csrc/ are installed under deberta_fast: the top-level names belong to others.
+    # csrc/ holds the native CPU op's C++ sources, compiled on first use (deberta_fast/ops/attention_cpu.py).
+    package_dir={"deberta_fast.triton_kernels": "triton_kernels", "deberta_fast.csrc": "csrc"},
+    package_data={"deberta_fast.data.movie_reviews": ["*.jsonl", "*.txt", "*.md"], "deberta_fast.csrc": ["*.cpp", "*.h"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.5",

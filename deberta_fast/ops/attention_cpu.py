@@ -1,12 +1,240 @@
-"""Native CPU backend of disentangled attention (csrc/). Not built in this version yet."""
+"""Native CPU backend of disentangled attention: the C++ op in ``csrc/`` (tiled, online softmax, O(L·D) memory).
+
+The op is compiled with ``torch.utils.cpp_extension`` against the installed torch the first time a call asks for it
+(never at import), cached per user under a directory keyed by the sources, the compiler flags and the torch version,
+and registered through ``torch.library`` as ``torch.ops.deberta_fast_cpu.disentangled_attention_{forward,backward}``
+(CPU kernels in C++, autograd and fake-tensor rules here). When it cannot be built (no compiler, no ninja, ...) the
+build error becomes the reason that ``auto`` logs once before falling back to the reference.
+
+Served: fp32 / bf16 / fp16 CPU tensors, c2p, p2c, both or no positional term (bucketed or not), a [B, L] token mask
+with transformers' empty-row behaviour, prefix keys, positional tables with batch dimension 1 or B, any scale.
+Not served (the reference runs them): output_attentions, attention dropout (dropout_p > 0, so training with
+attention_probs_dropout_prob > 0 uses the reference), [B, 1|H, L, L] pair masks, empty sequences.
+
+Memory: O(L·D) per head plus, per group of heads in flight, the [L, W] positional tables (W <= 2S slots), bounded by a
+64 MiB budget. That workspace is reused across calls and stays allocated for the life of the process (fresh pages
+would be faulted in on every call), as does a small per-thread tile scratch.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import platform
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
 
-def unsupported_reasons(*call) -> list[str]:
+import torch
+
+from .dispatch import logger
+from .positions import RelativePositionSpec, distance_slot_table
+
+NAMESPACE = "deberta_fast_cpu"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CACHE_ENV_VAR = "DEBERTA_FAST_CACHE_DIR"
+_SOURCE_SUFFIXES = (".cpp", ".h")
+_BUILD_LOCK = threading.Lock()  # one build and one registration even when threads race to the first call
+
+
+@dataclass(frozen=True)
+class BuildStatus:
+    """Outcome of the one build attempt of a process: ``error`` is empty when the op is registered."""
+
+    error: str = ""
+    library: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def source_dir() -> Path | None:
+    """The csrc/ folder: installed as ``deberta_fast/csrc`` (wheel) or next to the package (source tree)."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / "disentangled_attention.cpp").is_file():
+            return candidate
+    return None
+
+
+def compile_flags() -> list[str]:
+    """-O3, OpenMP (at::parallel_for is inlined into the extension) and the ISA of at::vec.
+
+    The vector ISA follows torch's own runtime choice (``torch.backends.cpu.get_cpu_capability()``, which honours
+    ATEN_CPU_CAPABILITY), never -march=native; it is part of the cache key, so a build is only reused on a CPU with
+    the same capability.
+    """
+    flags = ["-O3", "-fno-math-errno"]
+    if sys.platform.startswith("linux"):
+        flags.append("-fopenmp")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if capability == "AVX512":
+            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+        elif capability == "AVX2":
+            flags += ["-mavx2", "-mfma", "-mf16c"]
+        else:
+            capability = "DEFAULT"
+    elif capability not in ("DEFAULT",):
+        capability = "DEFAULT"
+    flags += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+    return flags
+
+
+def cache_root() -> Path:
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "deberta_fast"
+
+
+def build_key(sources: list[Path], flags: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(" ".join(flags).encode())
+    digest.update(torch.__version__.encode())
+    digest.update(f"{sys.version_info.major}.{sys.version_info.minor}".encode())
+    return digest.hexdigest()[:16]
+
+
+def extension() -> BuildStatus:
+    """Builds (or loads the cached build of) the native op once per process and registers its Python rules."""
+    with _BUILD_LOCK:
+        return _build_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _build_once() -> BuildStatus:
+    directory = source_dir()
+    if directory is None:
+        return BuildStatus(error="its C++ sources (csrc/) are not installed with this copy of deberta_fast")
+    try:
+        from torch.utils import cpp_extension
+
+        sources = sorted(p for p in directory.iterdir() if p.suffix in _SOURCE_SUFFIXES)
+        flags = compile_flags()
+        key = build_key(sources, flags)
+        build_dir = cache_root() / "cpu_ext" / key
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not any(build_dir.glob("*.so")):
+            logger.warning(
+                "deberta_fast: compiling the native CPU attention op on first use (about a minute, once; cached in "
+                "%s)", build_dir,
+            )
+        library = cpp_extension.load(
+            name=f"deberta_fast_cpu_{key}",
+            sources=[str(p) for p in sources if p.suffix == ".cpp"],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"] if sys.platform.startswith("linux") else [],
+            extra_include_paths=[str(directory)],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # any build or load failure: the reference serves instead
+        message = " ".join(str(error).split())
+        if len(message) > 600:
+            message = message[:600] + " ..."
+        return BuildStatus(error=f"{type(error).__name__}: {message}")
+    _register_python_rules()
+    return BuildStatus(library=str(library))
+
+
+def _register_python_rules() -> None:
+    forward = f"{NAMESPACE}::disentangled_attention_forward"
+    backward = f"{NAMESPACE}::disentangled_attention_backward"
+
+    @torch.library.register_fake(forward)
+    def _forward_fake(query, key, value, pos_key, pos_query, token_mask, slot_table, softmax_scale, num_prefix_keys):
+        batch, heads, length, _ = query.shape
+        out = query.new_empty((batch, length, heads, value.shape[-1])).permute(0, 2, 1, 3)
+        return out, query.new_empty((batch, heads, length), dtype=torch.float32)
+
+    @torch.library.register_fake(backward)
+    def _backward_fake(grad_out, query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse,
+                       softmax_scale, num_prefix_keys):
+        def heads_major(t):
+            return t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).permute(0, 2, 1, 3)
+
+        dpk = pos_key.new_zeros(pos_key.shape) if pos_key is not None else query.new_empty((0,))
+        dpq = pos_query.new_zeros(pos_query.shape) if pos_query is not None else query.new_empty((0,))
+        return heads_major(query), heads_major(key), heads_major(value), dpk, dpq
+
+    def setup_context(ctx, inputs, output):
+        query, key, value, pos_key, pos_query, token_mask, slot_table, softmax_scale, num_prefix_keys = inputs
+        out, lse = output
+        ctx.save_for_backward(query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse)
+        ctx.softmax_scale = softmax_scale
+        ctx.num_prefix_keys = num_prefix_keys
+        ctx.mark_non_differentiable(lse)
+
+    def backward_rule(ctx, grad_out, grad_lse):
+        query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, dpk, dpq = torch.ops.deberta_fast_cpu.disentangled_attention_backward(
+            grad_out, query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse,
+            ctx.softmax_scale, ctx.num_prefix_keys,
+        )
+        return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
+                None, None, None, None)
+
+    torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_table(length: int, spec: RelativePositionSpec) -> torch.Tensor:
+    """int32 [2L - 1] slots of the distances -(L-1) .. L-1 (positions.distance_slot_table); built once per
+    (length, spec), so that a model's layers do not recompute the float32 log buckets on every call. Read only."""
+    return distance_slot_table(length, spec).to(torch.int32)
+
+
+def unsupported_reasons(
+    query, key, value, pos_key, pos_query, attention_mask, spec, softmax_scale, dropout_p, output_attentions,
+    num_prefix_keys,
+) -> list[str]:
     """Why the native CPU op cannot serve ``call`` (the argument tuple of ``disentangled_attention``)."""
-    return ["the native CPU op of disentangled attention is not built in this version"]
+    reasons = []
+    if query.device.type != "cpu":
+        reasons.append(f"it runs on CPU tensors; these are on {query.device}")
+    if query.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {query.dtype} is not supported (float32, bfloat16, float16 are)")
+    if output_attentions:
+        reasons.append("output_attentions=True needs the attention probabilities, which the fused op never stores")
+    if dropout_p > 0.0:
+        reasons.append(f"attention dropout (dropout_p={dropout_p}) is not implemented in the native op")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        reasons.append("only the [B, L] token mask is supported, not a [B, 1 or H, L, L] pair mask")
+    if query.shape[2] == 0:
+        reasons.append("the sequence is empty (L = 0)")
+    if reasons:
+        return reasons
+    status = extension()
+    if not status.ok:
+        reasons.append(f"the native CPU op could not be built ({status.error})")
+    return reasons
 
 
-def run(*call):
-    raise RuntimeError("the native CPU op of disentangled attention is not built in this version")
+def run(
+    query, key, value, pos_key, pos_query, attention_mask, spec, softmax_scale, dropout_p, output_attentions,
+    num_prefix_keys,
+):
+    """Disentangled attention on the native op; returns (out [B, H, L, Dv], None). Inputs as validated by
+    ``deberta_fast.ops.attention.check_attention_inputs`` and accepted by ``unsupported_reasons``."""
+    status = extension()
+    if not status.ok:
+        raise RuntimeError(f"the native CPU op of disentangled attention could not be built: {status.error}")
+    c2p = spec is not None and spec.c2p
+    p2c = spec is not None and spec.p2c
+    slot_table = _slot_table(query.shape[2], spec) if (c2p or p2c) else None
+    out, _ = torch.ops.deberta_fast_cpu.disentangled_attention_forward(
+        query, key, value, pos_key if c2p else None, pos_query if p2c else None, attention_mask, slot_table,
+        float(softmax_scale), int(num_prefix_keys),
+    )
+    return out, None
+
