@@ -262,3 +262,33 @@ def test_build_failure_falls_back_to_reference_with_the_reason(tmp_path):
     assert report["error"], "the build was expected to fail without a compiler"
     assert report["equal"]
     assert len(report["skips"]) == 1 and "could not be built" in report["skips"][0]
+
+
+def test_bucket_configs_that_skip_slots_fall_back_to_the_reference():
+    """buckets 16 / max_relative_positions 10: neighbouring distances up to 7 slots apart. The native op refuses
+    with a reason (an explicit request raises), auto serves the call with the reference."""
+    from deberta_fast.ops import BackendUnavailable, RelativePositionSpec, disentangled_attention
+
+    spec = RelativePositionSpec(c2p=True, p2c=True, position_buckets=16, max_relative_positions=10)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    table = torch.randn(1, 2, spec.num_slots, 16)
+    with pytest.raises(BackendUnavailable, match="log buckets skip slots"):
+        disentangled_attention(q, k, v, table, table, None, spec=spec, softmax_scale=0.2, backend="cpu")
+    got, _ = disentangled_attention(q, k, v, table, table, None, spec=spec, softmax_scale=0.2)
+    expected, _ = disentangled_attention(q, k, v, table, table, None, spec=spec, softmax_scale=0.2,
+                                         backend="reference")
+    assert torch.equal(got, expected)
+
+
+def test_inference_mode_call_then_training_call():
+    """A slot table cached during an inference-mode call must not break a later call that saves it for backward."""
+    from deberta_fast.ops import RelativePositionSpec, disentangled_attention
+
+    spec = RelativePositionSpec(c2p=True, p2c=True, position_buckets=8, max_relative_positions=33)
+    q = torch.randn(1, 2, 37, 16, requires_grad=True)
+    table = torch.randn(1, 2, spec.num_slots, 16, requires_grad=True)
+    with torch.inference_mode():
+        disentangled_attention(q, q, q, table, table, None, spec=spec, softmax_scale=0.2, backend="cpu")
+    out, _ = disentangled_attention(q, q, q, table, table, None, spec=spec, softmax_scale=0.2, backend="cpu")
+    out.sum().backward()
+    assert q.grad is not None and table.grad is not None

@@ -191,7 +191,17 @@ def _register_python_rules() -> None:
 def _slot_table(length: int, spec: RelativePositionSpec) -> torch.Tensor:
     """int32 [2L - 1] slots of the distances -(L-1) .. L-1 (positions.distance_slot_table); built once per
     (length, spec), so that a model's layers do not recompute the float32 log buckets on every call. Read only."""
-    return distance_slot_table(length, spec).to(torch.int32)
+    # Built outside inference mode: the cached table is saved for backward by later calls that track gradients.
+    with torch.inference_mode(False):
+        return distance_slot_table(length, spec).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _largest_slot_step(length: int, spec: RelativePositionSpec) -> int:
+    """Largest slot increase between neighbouring distances; > 1 when max_relative_positions is close to
+    position_buckets / 2 (the log buckets then skip slots), which the native op's tiling does not handle."""
+    table = _slot_table(length, spec)
+    return int((table[1:] - table[:-1]).max()) if length > 1 else 0
 
 
 def unsupported_reasons(
@@ -212,6 +222,10 @@ def unsupported_reasons(
         reasons.append("only the [B, L] token mask is supported, not a [B, 1 or H, L, L] pair mask")
     if query.shape[2] == 0:
         reasons.append("the sequence is empty (L = 0)")
+    elif spec is not None and spec.any_position_term and _largest_slot_step(query.shape[2], spec) > 1:
+        reasons.append(f"the log buckets skip slots (position_buckets={spec.position_buckets}, "
+                       f"max_relative_positions={spec.max_relative_positions}): neighbouring distances more than "
+                       "one slot apart are not supported by the native op")
     if reasons:
         return reasons
     status = extension()
