@@ -19,11 +19,9 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,22 +38,14 @@ from deberta_fast.ops.lora import lora_linear, lora_linear_reference  # noqa: E4
 from deberta_fast.ops.lora_merge import merge_lora  # noqa: E402
 from deberta_fast.ops.lora_qkv import lora_qkv, lora_qkv_reference  # noqa: E402
 
-FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 from deberta_fast.benchmark import harness  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 
 # ------------------------------------------------------------------------------------------------ facts
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def machine_facts(device) -> dict:
@@ -66,7 +56,7 @@ def machine_facts(device) -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda or "none",
-        "git": git_sha(),
+        "git": harness.git_revision(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
@@ -304,28 +294,6 @@ def summarize(rows):
     return out
 
 
-def table(rows, columns):
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_csv(rows, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
@@ -365,7 +333,7 @@ def main(argv=None):
             print(f"# correctness {name} done at {time.perf_counter() - started:.0f}s", flush=True)
         os.environ["DEBERTA_FAST_AUTOTUNE"] = "1"
         bad = [r for r in rows if not r["ok"]]
-        print(table(rows, ["case", "dtype", "width", "tensor", "error", "torch_error", "budget", "ok"]))
+        print(harness.format_table(rows, ["case", "dtype", "width", "tensor", "error", "torch_error", "budget", "ok"]))
         print(f"# correctness: {len(rows) - len(bad)}/{len(rows)} tensors within the error budget")
 
     targets = []
@@ -376,11 +344,11 @@ def main(argv=None):
         print(f"# timings at width {width} done at {time.perf_counter() - started:.0f}s", flush=True)
     if args.dry_run:
         print("# dry run: interpreter timings say nothing about GPU performance; this only checks the script")
-    print(table([r for r in rows if r["kind"] == "timing"],
+    print(harness.format_table([r for r in rows if r["kind"] == "timing"],
                 ["case", "provider", "mode", "dtype", "width", "tokens", "median_ms", "p20_ms", "p80_ms", "graph_ms"]))
     print("# ratios: 'launched' = back-to-back calls from Python (host overhead included); 'graph' = CUDA graph")
     print("# replay of the same calls (GPU time only)")
-    print(table(targets, ["case", "width", "target", "ratio_launched", "met_launched", "ratio_graph", "met_graph"]))
+    print(harness.format_table(targets, ["case", "width", "target", "ratio_launched", "met_launched", "ratio_graph", "met_graph"]))
     rows += targets
     for r in rows:
         r.update(facts)
@@ -391,7 +359,7 @@ def main(argv=None):
     else:
         slug = "".join(c if c.isalnum() else "_" for c in facts["gpu"]).strip("_").lower()
         path = os.path.join(harness.results_dir(), f"gpu_adapters_{slug}.csv")
-    write_csv(rows, path)
+    harness.write_csv(rows, path)
     print(f"# wrote {path} in {time.perf_counter() - started:.0f}s")
     failed = [r for r in rows if r["kind"] == "correctness" and not r["ok"]]
     return 1 if failed else 0

@@ -30,21 +30,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime as _dt
 import importlib.metadata
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from deberta_fast.benchmark import harness  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 16_384
 LENGTHS = (512, 2048, 8192)
 FLOOR = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
@@ -90,16 +86,11 @@ def _version(name):
 def environment(device):
     import torch
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
     return dict(
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (TRITON_INTERPRET=1 dry run)",
         torch=torch.__version__, triton=_version("triton"), transformers=_version("transformers"),
         disentangled_flash=_version("disentangled-flash"), flashdeberta=_version("flashdeberta"),
-        git_sha=sha, timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        git_sha=harness.git_revision(), timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
 
@@ -119,15 +110,8 @@ class Results:
         return row
 
     def write(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fields = self.FIELDS + list(self.env)
-        # Atomic: a half-written CSV never replaces a good one.
-        with tempfile.NamedTemporaryFile("w", newline="", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({**row, **self.env})
-        os.replace(handle.name, path)
+        """Atomic (harness.write_csv): a half-written CSV never replaces a good one."""
+        harness.write_csv([{**row, **self.env} for row in self.rows], str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
