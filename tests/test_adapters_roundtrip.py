@@ -1,4 +1,7 @@
-"""Save / load round trips of every method, fusion and head reproduce the outputs bit for bit (torch.equal).
+"""Save / load round trips of every method, fusion and head reproduce the outputs (fp32, within 1e-6).
+
+Not bit for bit: the state dicts are equal after loading, but freshly allocated parameters may take another
+GEMM path (alignment, packing) on some CPUs, which rounds differently in the last ulp (seen on AMD Zen 4).
 
 Three paths per case: save_adapter / load_adapter in AdapterHub's torch format, the same with safetensors, and
 save_pretrained / from_pretrained of the whole model (config.json's "adapters" and "prediction_heads").
@@ -50,9 +53,10 @@ def _outputs(model, inputs) -> dict:
 
 
 def _assert_equal(a: dict, b: dict) -> None:
+    """Same outputs up to GEMM rounding; a lost or wrong parameter changes them by orders of magnitude more."""
     assert set(a) == set(b)
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("use_safetensors", [False, True])
