@@ -7,14 +7,18 @@
 TORCH_LIBRARY(deberta_fast_cpu, m) {
   m.def(
       "disentangled_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? pos_key, Tensor? pos_query, "
-      "Tensor? token_mask, Tensor? slot_table, float softmax_scale, int num_prefix_keys) -> (Tensor, Tensor)");
+      "Tensor? token_mask, Tensor? slot_table, float softmax_scale, int num_prefix_keys, Tensor? pair_mask=None, "
+      "Tensor? seed=None, float dropout_p=0.0) -> (Tensor, Tensor)");
   m.def(
       "disentangled_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? pos_key, "
       "Tensor? pos_query, Tensor? token_mask, Tensor? slot_table, Tensor out, Tensor lse, float softmax_scale, "
-      "int num_prefix_keys) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int num_prefix_keys, Tensor? pair_mask=None, Tensor? seed=None, float dropout_p=0.0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("dropout_keep_mask(Tensor seed, int batch_heads, int length, int num_keys, float dropout_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deberta_fast_cpu, CPU, m) {
   m.impl("disentangled_attention_forward", &deberta_fast_cpu::disentangled_attention_forward);
   m.impl("disentangled_attention_backward", &deberta_fast_cpu::disentangled_attention_backward);
+  m.impl("dropout_keep_mask", &deberta_fast_cpu::dropout_keep_mask);
 }

@@ -21,7 +21,9 @@
 #include <limits>
 
 #include "attention_call.h"
+#include "attention_dropout.h"
 #include "disentangled_attention.h"
+#include "pair_mask.h"
 #include "score_rows.h"
 #include "tile_gemm.h"
 
@@ -29,7 +31,7 @@ namespace deberta_fast_cpu {
 namespace {
 
 struct BackwardWorker {
-  Block scores, grads, slot_grad, acc, acc_v, col_ok, col_scratch, col_terms;
+  Block scores, grads, slot_grad, acc, acc_v, col_ok, col_scratch, col_terms, factor;
   bool ready = false;
 
   void init(const Geometry& g) {
@@ -40,7 +42,8 @@ struct BackwardWorker {
     const int64_t o_s = plan.add(kBlockRows * cols), o_g = plan.add(kBlockRows * cols),
                   o_slot = plan.add(kBlockRows * g.window), o_acc = plan.add(kBlockRows * g.head_dim),
                   o_accv = plan.add(kBlockRows * g.value_dim), o_ok = plan.add(cols),
-                  o_cs = plan.add(kBlockCols * round_up(kBlockRows, 16)), o_ct = plan.add(kBlockRows * cols);
+                  o_cs = plan.add(kBlockCols * round_up(kBlockRows, 16)), o_ct = plan.add(kBlockRows * cols),
+                  o_f = plan.add(cols);
     float* base = thread_scratch(plan.total());
     scores.ptr = base + o_s;
     grads.ptr = base + o_g;
@@ -50,6 +53,7 @@ struct BackwardWorker {
     col_ok.ptr = base + o_ok;
     col_scratch.ptr = base + o_cs;
     col_terms.ptr = base + o_ct;
+    factor.ptr = base + o_f;
   }
 };
 
@@ -60,7 +64,8 @@ struct BackwardInputs {
 };
 
 template <typename T>
-void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask, const BackwardInputs<T>& in,
+void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask, const PairMask& pair,
+                     const AttentionDropout& drop, const BackwardInputs<T>& in,
                      const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, T* dq,
                      T* dk, T* dv, float* dpk_acc, float* dpq_acc) {
   const int64_t H = g.heads, L = g.length, P = g.prefix, N = g.keys, D = g.head_dim, Dv = g.value_dim, W = g.window;
@@ -71,7 +76,7 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
   // Positional windows. Query rows read slots in reversed order (slot_index.h), key rows in natural order.
 
   const bool pack_k = needs_row_pack(in.k), pack_v = needs_row_pack(in.v), pack_do = needs_row_pack(in.dout);
-  const bool uniform_rows = mask.present && P == 0;
+  const bool uniform_rows = (mask.present || pair.present) && P == 0;
   const int64_t n_chunks = (L + kChunkRows - 1) / kChunkRows;
   const int64_t n_prefix_chunks = (P + kChunkRows - 1) / kChunkRows;
   // Per head: K^T and V^T panels (content, then prefix), Q^T (scaled) and dO^T panels, rows where needed.
@@ -237,13 +242,17 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
             for (int64_t c = 0; c < pnp; ++c) col_ok[c] = c < pn ? 1.f : 0.f;
             for (int64_t r = 0; r < bm; ++r) {
               add_positions_and_mask(S + r * ldS, pnp, nullptr, col_ok);
+              if (drop.on()) {
+                drop.factors(bh, i0 + r, 0, p0, 1, pn, pnp, drop.scale(), w.factor.data());
+                multiply_row(dP + r * ldS, w.factor.data(), pnp);
+              }
               score_grad_row(S + r * ldS, dP + r * ldS, pnp, lp[i0 + r], dl[i0 + r]);
             }
             gemm_rr(bm, D, pn, S, ldS, kr.row(p0), kr.ld, acc, D, true);
           }
           for (int64_t j0 = 0; valid_rows > 0 && j0 < L; j0 += kBlockCols) {
             const int64_t bn = std::min(kBlockCols, L - j0), bnp = round_up(bn, vw);
-            if (mask.count(b, j0, j0 + bn) == 0) continue;
+            if (mask.count(b, j0, j0 + bn) == 0 || !pair.tile_ok(b, h, i0, j0)) continue;
             gemm_rr(bm, bn, D, qsb, D, panel_at(kt_head, D, j0), kBlockCols, S, ldS, false);
             gemm_rr(bm, bn, Dv, dob, dor.ld, panel_at(vt_head, Dv, j0), kBlockCols, dP, ldS, false);
             mask.fill(b, j0, bn, bnp, col_ok);
@@ -270,7 +279,12 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
                 rp.row_term = g.c2p ? c2p_head + (i0 + r) * ldW : nullptr;
                 rp.col_term = g.p2c ? col_terms + r * col_stride : nullptr;
               }
-              add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok, all_valid);
+              if (pair.present) pair.fill_row(b, h, i0 + r, j0, bn, bnp, col_ok);
+              add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok, all_valid && !pair.present);
+              if (drop.on()) {
+                drop.factors(bh, i0 + r, 0, P + j0, 1, bn, bnp, drop.scale(), w.factor.data());
+                multiply_row(dP + r * ldS, w.factor.data(), bnp);
+              }
               score_grad_row(row, dP + r * ldS, bnp, lp[i0 + r], dl[i0 + r]);
               if (g.c2p) scatter_to_slots(row, bn, rp.kind, rp.sigma, gsl + r * W);
             }
@@ -325,7 +339,7 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
         for (int64_t i0 = 0; valid_keys > 0 && i0 < L; i0 += kBlockCols) {
           const int64_t bq = std::min(kBlockCols, L - i0), bqp = round_up(bq, vw);
           // Prefix keys serve every query; content keys only real queries.
-          if (!prefix_task && mask.count(b, i0, i0 + bq) == 0) continue;
+          if (!prefix_task && (mask.count(b, i0, i0 + bq) == 0 || !pair.tile_ok(b, h, i0, j0))) continue;
           gemm_rr(bn, bq, D, kb, kr.ld, panel_at(qst_head, D, i0), kBlockCols, S, ldS, false);
           gemm_rr(bn, bq, Dv, vb, vr.ld, panel_at(dot_head, Dv, i0), kBlockCols, dP, ldS, false);
           if (prefix_task) {
@@ -358,8 +372,15 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
               rp.row_term = g.p2c ? p2c_head + (j0 + r) * ldW : nullptr;
               rp.col_term = g.c2p ? col_terms + r * col_stride : nullptr;
             }
-            add_positions_and_mask(row, bqp, pos ? &rp : nullptr, col_ok, all_valid);
+            const bool pair_row = pair.present && !prefix_task;
+            if (pair_row) pair.fill_column(b, h, j0 + r, i0, bq, bqp, col_ok);
+            add_positions_and_mask(row, bqp, pos ? &rp : nullptr, col_ok, all_valid && !pair_row);
+            if (drop.on()) {  // this key row against a column of queries: dP and (after) P are dropped
+              drop.factors(bh, i0, 1, offset + j0 + r, 0, bq, bqp, drop.scale(), w.factor.data());
+              multiply_row(grow, w.factor.data(), bqp);
+            }
             score_grad_row_transposed(row, grow, bqp, lp + i0, dl + i0);
+            if (drop.on()) multiply_row(row, w.factor.data(), bqp);
             if (pos && g.p2c) scatter_to_slots(grow, bq, rp.kind, rp.sigma, hsl + r * W);
           }
           gemm_rr(bn, Dv, bq, S, ldS, dor.row(i0), dor.ld, acc_v, Dv, true);
@@ -370,7 +391,25 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
           // partial^T [D, W] += K_blk^T H: the block's keys are one panel of K^T.
           gemm_rr(D, W, bn, panel_at(kt.data() + gi * kt_size, D, j0), kBlockCols, hsl, W, partial, W, true);
         }
-        if (uniform_rows) {
+        if (uniform_rows && drop.on()) {
+          // Rows that attend uniformly (lse = +inf) to the L keys, dropped: dV_j += (1 / L) sum_i z_ij dO_i.
+          const float inv_l = 1.f / static_cast<float>(L);
+          for (int64_t i0 = 0; i0 < L; i0 += kBlockCols) {
+            const int64_t bq = std::min(kBlockCols, L - i0);
+            bool any = false;
+            for (int64_t c = 0; c < bq; ++c) {
+              col_ok[c] = lp[i0 + c] == inf ? inv_l : 0.f;
+              any = any || col_ok[c] != 0.f;
+            }
+            if (!any) continue;
+            for (int64_t r = 0; r < bn; ++r) {
+              float* row = S + r * ldS;
+              drop.factors(bh, i0, 1, offset + j0 + r, 0, bq, bq, drop.scale(), row);
+              for (int64_t c = 0; c < bq; ++c) row[c] *= col_ok[c];
+            }
+            gemm_rr(bn, Dv, bq, S, ldS, dor.row(i0), dor.ld, acc_v, Dv, true);
+          }
+        } else if (uniform_rows) {
           const float* u = uniform.data() + gi * Dv;
           for (int64_t r = 0; r < bn; ++r) {
             for (int64_t d = 0; d < Dv; ++d) acc_v[r * Dv + d] += u[d];
@@ -426,7 +465,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query,
     const std::optional<at::Tensor>& token_mask, const std::optional<at::Tensor>& slot_table, const at::Tensor& out,
-    const at::Tensor& lse, double softmax_scale, int64_t num_prefix_keys) {
+    const at::Tensor& lse, double softmax_scale, int64_t num_prefix_keys, const std::optional<at::Tensor>& pair_mask,
+    const std::optional<at::Tensor>& seed, double dropout_p) {
   Geometry g = make_geometry(query, key, value, pos_key, pos_query, token_mask, slot_table, softmax_scale,
                              num_prefix_keys);
   TORCH_CHECK(grad_out.dim() == 4 && out.dim() == 4 && grad_out.sizes() == out.sizes() &&
@@ -440,7 +480,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
               "deberta_fast_cpu: lse must be float32 [B, H, L]");
   const int64_t table_rows = pos_key ? pos_key->size(2) : (pos_query ? pos_query->size(2) : 0);
   const Slots slots(g, slot_table, table_rows);
+  TORCH_CHECK(!(token_mask.has_value() && pair_mask.has_value()),
+              "deberta_fast_cpu: pass either a token_mask or a pair_mask, not both");
   const TokenMask mask(g, token_mask);
+  const PairMask pair(g, pair_mask, /*transposed=*/true);
+  const AttentionDropout drop = make_dropout(seed, dropout_p);
   const at::Tensor lse_c = lse.contiguous();
 
   at::Tensor dq = at::empty({g.batch, g.length, g.heads, g.head_dim}, query.options());
@@ -457,7 +501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     BackwardInputs<T> in{Strided4<T>(query), Strided4<T>(key), Strided4<T>(value), Strided4<T>(grad_out),
                          Strided4<T>(out), lse_c.data_ptr<float>()};
     if (g.batch * g.heads * g.length > 0) {
-      backward_kernel<T>(g, slots, mask, in, pos_key, pos_query, dq.data_ptr<T>(), dk.data_ptr<T>(),
+      backward_kernel<T>(g, slots, mask, pair, drop, in, pos_key, pos_query, dq.data_ptr<T>(), dk.data_ptr<T>(),
                          dv.data_ptr<T>(), dpk_acc.data(), dpq_acc.data());
     }
     if (g.c2p) store_window<T>(dpk_acc.data(), g, /*reversed=*/true, 1.f, dpk);

@@ -16,7 +16,9 @@
 #include <limits>
 
 #include "attention_call.h"
+#include "attention_dropout.h"
 #include "disentangled_attention.h"
+#include "pair_mask.h"
 #include "score_rows.h"
 #include "tile_gemm.h"
 
@@ -27,7 +29,7 @@ constexpr int64_t kPackChunk = 256;
 constexpr int64_t kTaskBlocks = 2;  // row blocks per tile task
 
 struct ForwardWorker {
-  Block qs, c2p, scores, acc, col_ok, row_max, row_sum, col_scratch, col_terms;
+  Block qs, c2p, scores, acc, col_ok, row_max, row_sum, col_scratch, col_terms, factor;
   bool ready = false;
 
   void init(const Geometry& g) {
@@ -39,7 +41,8 @@ struct ForwardWorker {
     const int64_t o_qs = plan.add(rows * g.head_dim), o_c2p = plan.add(rows * padded_pitch(g.window)),
                   o_scores = plan.add(kBlockRows * cols), o_acc = plan.add(rows * g.value_dim),
                   o_ok = plan.add(cols), o_max = plan.add(rows), o_sum = plan.add(rows),
-                  o_cs = plan.add(kBlockCols * round_up(kBlockRows, 16)), o_ct = plan.add(kBlockRows * cols);
+                  o_cs = plan.add(kBlockCols * round_up(kBlockRows, 16)), o_ct = plan.add(kBlockRows * cols),
+                  o_f = plan.add(cols);
     float* base = thread_scratch(plan.total());
     qs.ptr = base + o_qs;
     c2p.ptr = base + o_c2p;
@@ -50,6 +53,7 @@ struct ForwardWorker {
     row_sum.ptr = base + o_sum;
     col_scratch.ptr = base + o_cs;
     col_terms.ptr = base + o_ct;
+    factor.ptr = base + o_f;
   }
 };
 
@@ -69,7 +73,8 @@ inline void online_update(float* row, int64_t cols_padded, float row_max, float&
 }
 
 template <typename T>
-void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask, const at::Tensor& query,
+void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask, const PairMask& pair,
+                    const AttentionDropout& drop, const at::Tensor& query,
                     const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& pos_key,
                     const std::optional<at::Tensor>& pos_query, T* out, float* lse) {
   const Strided4<T> q(query), k(key), v(value);
@@ -81,7 +86,7 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
 
   const bool pack_v = needs_row_pack(v);
   const bool pack_k = g.p2c && needs_row_pack(k);
-  const bool uniform_rows = mask.present && P == 0;  // rows without any valid key average V
+  const bool uniform_rows = (mask.present || pair.present) && P == 0;  // rows without any valid key average V
   const int64_t kt_content = panels_size(L, D), kt_prefix = panels_size(P, D);
   const int64_t per_head = int64_t(sizeof(float)) * (kt_content + kt_prefix + (pack_v ? N * Dv : 0) +
                                                      (pack_k ? N * D : 0) + (g.p2c ? L * ldW : 0));
@@ -196,6 +201,10 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
             float* row = S + r * ldS;
             const float mx = add_positions_and_mask(row, pnp, nullptr, col_ok, pn == pnp);
             online_update(row, pnp, mx, m[r], l[r], acc + r * Dv, Dv);
+            if (drop.on()) {
+              drop.factors(bh, i0 + r, 0, p0, 1, pn, pnp, drop.scale(), w.factor.data());
+              multiply_row(row, w.factor.data(), pnp);
+            }
           }
           gemm_rr(bm, Dv, pn, S, ldS, vr.row(p0), vr.ld, acc, Dv, true);
         }
@@ -211,6 +220,7 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
         for (int64_t blk = 0; blk < blocks; ++blk) {
           if (valid_rows[blk] == 0) continue;
           const int64_t i0 = row0 + blk * kBlockRows, bm = std::min(kBlockRows, L - i0);
+          if (!pair.tile_ok(b, h, i0, j0)) continue;  // every pair masked: contributes exactly nothing
           float* acc = w.acc.data() + blk * kBlockRows * Dv;
           float* m = w.row_max.data() + blk * kBlockRows;
           float* l = w.row_sum.data() + blk * kBlockRows;
@@ -239,8 +249,14 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
               rp.row_term = g.c2p ? c2p_blk + r * ldW : nullptr;
               rp.col_term = g.p2c ? col_terms + r * col_stride : nullptr;
             }
-            const float mx = add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok, all_valid);
+            if (pair.present) pair.fill_row(b, h, i0 + r, j0, bn, bnp, col_ok);
+            const float mx = add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok,
+                                                    all_valid && !pair.present);
             online_update(row, bnp, mx, m[r], l[r], acc + r * Dv, Dv);
+            if (drop.on()) {
+              drop.factors(bh, i0 + r, 0, P + j0, 1, bn, bnp, drop.scale(), w.factor.data());
+              multiply_row(row, w.factor.data(), bnp);
+            }
           }
           gemm_rr(bm, Dv, bn, S, ldS, vr.row(P + j0), vr.ld, acc, Dv, true);
         }
@@ -259,6 +275,17 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
             const float inv = 1.f / l[r];
             for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(acc[r * Dv + d] * inv);
             *row_lse = m[r] + std::log(l[r]);
+          } else if (drop.on()) {
+            // Uniform over the L keys, then dropped: (1 / L) sum_j z_ij V_j. The row's acc is still zero.
+            TORCH_CHECK(uniform_rows, "deberta_fast_cpu: a score row without any valid key");
+            float* ar = w.acc.data() + (blk * kBlockRows + r) * Dv;
+            for (int64_t j0 = 0; j0 < L; j0 += kBlockCols) {
+              const int64_t bn = std::min(kBlockCols, L - j0);
+              drop.factors(bh, i, 0, j0, 1, bn, bn, drop.scale() / static_cast<float>(L), w.factor.data());
+              gemm_rr(1, Dv, bn, w.factor.data(), bn, vr.row(j0), vr.ld, ar, Dv, true);
+            }
+            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(ar[d]);
+            *row_lse = std::numeric_limits<float>::infinity();
           } else {
             TORCH_CHECK(uniform_rows, "deberta_fast_cpu: a score row without any valid key");
             const float* mv = mean_v.data() + gi * Dv;
@@ -277,31 +304,52 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
 std::tuple<at::Tensor, at::Tensor> disentangled_attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& pos_key,
     const std::optional<at::Tensor>& pos_query, const std::optional<at::Tensor>& token_mask,
-    const std::optional<at::Tensor>& slot_table, double softmax_scale, int64_t num_prefix_keys) {
+    const std::optional<at::Tensor>& slot_table, double softmax_scale, int64_t num_prefix_keys,
+    const std::optional<at::Tensor>& pair_mask, const std::optional<at::Tensor>& seed, double dropout_p) {
   Geometry g = make_geometry(query, key, value, pos_key, pos_query, token_mask, slot_table, softmax_scale,
                              num_prefix_keys);
+  TORCH_CHECK(!(token_mask.has_value() && pair_mask.has_value()),
+              "deberta_fast_cpu: pass either a token_mask or a pair_mask, not both");
   const int64_t table_rows = pos_key ? pos_key->size(2) : (pos_query ? pos_query->size(2) : 0);
   TORCH_CHECK(!(pos_key && pos_query) || pos_key->size(2) == pos_query->size(2),
               "deberta_fast_cpu: pos_key and pos_query must have the same number of slots");
   const Slots slots(g, slot_table, table_rows);
   const TokenMask mask(g, token_mask);
+  const PairMask pair(g, pair_mask, /*transposed=*/false);
+  const AttentionDropout drop = make_dropout(seed, dropout_p);
   // Stored [B, L, H, Dv]: the [B, H, L, Dv] result is a permuted view, and merging heads back is free.
   at::Tensor out = at::empty({g.batch, g.length, g.heads, g.value_dim}, query.options());
   at::Tensor lse = at::empty({g.batch, g.heads, g.length}, query.options().dtype(at::kFloat));
   if (g.batch * g.heads * g.length > 0) {
     AT_DISPATCH_SWITCH(query.scalar_type(), "deberta_fast_cpu::disentangled_attention_forward",
                        AT_DISPATCH_CASE(at::kFloat, [&] {
-                         forward_kernel<scalar_t>(g, slots, mask, query, key, value, pos_key, pos_query,
-                                                  out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+                         forward_kernel<scalar_t>(g, slots, mask, pair, drop, query, key, value, pos_key,
+                                                  pos_query, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
                        }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                         forward_kernel<scalar_t>(g, slots, mask, query, key, value, pos_key, pos_query,
-                                                  out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+                         forward_kernel<scalar_t>(g, slots, mask, pair, drop, query, key, value, pos_key,
+                                                  pos_query, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
                        }) AT_DISPATCH_CASE(at::kHalf, [&] {
-                         forward_kernel<scalar_t>(g, slots, mask, query, key, value, pos_key, pos_query,
-                                                  out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+                         forward_kernel<scalar_t>(g, slots, mask, pair, drop, query, key, value, pos_key,
+                                                  pos_query, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
                        }));
   }
   return {out.permute({0, 2, 1, 3}), lse};
+}
+
+at::Tensor dropout_keep_mask(const at::Tensor& seed, int64_t batch_heads, int64_t length, int64_t num_keys,
+                             double dropout_p) {
+  TORCH_CHECK(batch_heads >= 0 && length >= 0 && num_keys >= 0, "deberta_fast_cpu: sizes must be >= 0");
+  const AttentionDropout drop = make_dropout(seed, dropout_p);
+  at::Tensor keep = at::empty({batch_heads, length, num_keys}, seed.options().dtype(at::kBool));
+  bool* dst = keep.data_ptr<bool>();
+  std::vector<float> factor(num_keys);
+  for (int64_t bh = 0; bh < batch_heads; ++bh) {
+    for (int64_t i = 0; i < length; ++i) {
+      if (drop.on()) drop.factors(bh, i, 0, 0, 1, num_keys, num_keys, 1.f, factor.data());
+      for (int64_t k = 0; k < num_keys; ++k) dst[(bh * length + i) * num_keys + k] = !drop.on() || factor[k] != 0.f;
+    }
+  }
+  return keep;
 }
 
 }  // namespace deberta_fast_cpu

@@ -310,4 +310,9 @@ inline void scale_row(float* row, int64_t n, float factor) {
   for (; c < n; ++c) row[c] *= factor;
 }
 
+// row[c] *= factor[c] for c < n_padded (a multiple of the vector width): dropout factors 0 or 1 / (1 - p).
+inline void multiply_row(float* row, const float* factor, int64_t n_padded) {
+  for (int64_t c = 0; c < n_padded; c += Vec::size()) (Vec::loadu(row + c) * Vec::loadu(factor + c)).store(row + c);
+}
+
 }  // namespace deberta_fast_cpu

@@ -6,10 +6,14 @@ and registered through ``torch.library`` as ``torch.ops.deberta_fast_cpu.disenta
 (CPU kernels in C++, autograd and fake-tensor rules here). When it cannot be built (no compiler, no ninja, ...) the
 build error becomes the reason that ``auto`` logs once before falling back to the reference.
 
-Served: fp32 / bf16 / fp16 CPU tensors, c2p, p2c, both or no positional term (bucketed or not), a [B, L] token mask
-with transformers' empty-row behaviour, prefix keys, positional tables with batch dimension 1 or B, any scale.
-Not served (the reference runs them): output_attentions, attention dropout (dropout_p > 0, so training with
-attention_probs_dropout_prob > 0 uses the reference), [B, 1|H, L, L] pair masks, empty sequences.
+Served: fp32 / bf16 / fp16 CPU tensors (computed in fp32 tiles, returned in the input dtype), c2p, p2c, both or no
+positional term (bucketed or not), a [B, L] token mask or a [B, 1|H, L, L] pair mask with transformers' empty-row
+behaviour, prefix keys, positional tables with batch dimension 1 or B, any scale, and attention dropout
+(0 <= dropout_p < 1) from a counter-based generator (``deberta_fast.ops.attention_dropout``): the keep decision of
+every probability is Philox of (seed, b·H + h, query, key), the stream of the Triton kernels, regenerated in the
+backward pass, never stored. The seed is drawn per call from torch's default CPU generator, so ``torch.manual_seed``
+makes runs repeatable. It is not transformers' bernoulli stream: the ``reference`` backend reproduces transformers'
+masks exactly. Not served (the reference runs them): output_attentions, dropout_p >= 1, empty sequences.
 
 Memory: O(L·D) per head plus, per group of heads in flight, the [L, W] positional tables (W <= 2S slots), bounded by a
 64 MiB budget. That workspace is reused across calls and stays allocated for the life of the process (fresh pages
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .attention_dropout import draw_seed
 from .dispatch import logger
 from .positions import RelativePositionSpec, distance_slot_table
 
@@ -150,14 +155,15 @@ def _register_python_rules() -> None:
     backward = f"{NAMESPACE}::disentangled_attention_backward"
 
     @torch.library.register_fake(forward)
-    def _forward_fake(query, key, value, pos_key, pos_query, token_mask, slot_table, softmax_scale, num_prefix_keys):
+    def _forward_fake(query, key, value, pos_key, pos_query, token_mask, slot_table, softmax_scale, num_prefix_keys,
+                      pair_mask=None, seed=None, dropout_p=0.0):
         batch, heads, length, _ = query.shape
         out = query.new_empty((batch, length, heads, value.shape[-1])).permute(0, 2, 1, 3)
         return out, query.new_empty((batch, heads, length), dtype=torch.float32)
 
     @torch.library.register_fake(backward)
     def _backward_fake(grad_out, query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse,
-                       softmax_scale, num_prefix_keys):
+                       softmax_scale, num_prefix_keys, pair_mask=None, seed=None, dropout_p=0.0):
         def heads_major(t):
             return t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).permute(0, 2, 1, 3)
 
@@ -166,23 +172,25 @@ def _register_python_rules() -> None:
         return heads_major(query), heads_major(key), heads_major(value), dpk, dpq
 
     def setup_context(ctx, inputs, output):
-        query, key, value, pos_key, pos_query, token_mask, slot_table, softmax_scale, num_prefix_keys = inputs
+        (query, key, value, pos_key, pos_query, token_mask, slot_table, softmax_scale, num_prefix_keys, pair_mask,
+         seed, dropout_p) = inputs
         out, lse = output
-        ctx.save_for_backward(query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse)
+        ctx.save_for_backward(query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse, pair_mask, seed)
         ctx.softmax_scale = softmax_scale
         ctx.num_prefix_keys = num_prefix_keys
+        ctx.dropout_p = dropout_p
         ctx.mark_non_differentiable(lse)
 
     def backward_rule(ctx, grad_out, grad_lse):
-        query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse = ctx.saved_tensors
+        query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse, pair_mask, seed = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         dq, dk, dv, dpk, dpq = torch.ops.deberta_fast_cpu.disentangled_attention_backward(
             grad_out, query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse,
-            ctx.softmax_scale, ctx.num_prefix_keys,
+            ctx.softmax_scale, ctx.num_prefix_keys, pair_mask, seed, ctx.dropout_p,
         )
         return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
-                None, None, None, None)
+                None, None, None, None, None, None, None)
 
     torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
 
@@ -216,10 +224,10 @@ def unsupported_reasons(
         reasons.append(f"dtype {query.dtype} is not supported (float32, bfloat16, float16 are)")
     if output_attentions:
         reasons.append("output_attentions=True needs the attention probabilities, which the fused op never stores")
-    if dropout_p > 0.0:
-        reasons.append(f"attention dropout (dropout_p={dropout_p}) is not implemented in the native op")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        reasons.append("only the [B, L] token mask is supported, not a [B, 1 or H, L, L] pair mask")
+    if not 0.0 <= dropout_p < 1.0:
+        reasons.append(f"dropout_p must be in [0, 1); got {dropout_p}")
+    if attention_mask is not None and attention_mask.is_complex():
+        reasons.append(f"attention_mask dtype {attention_mask.dtype} is not supported")
     if query.shape[2] == 0:
         reasons.append("the sequence is empty (L = 0)")
     elif spec is not None and spec.any_position_term and _largest_slot_step(query.shape[2], spec) > 1:
@@ -246,9 +254,23 @@ def run(
     c2p = spec is not None and spec.c2p
     p2c = spec is not None and spec.p2c
     slot_table = _slot_table(query.shape[2], spec) if (c2p or p2c) else None
+    pair = attention_mask is not None and attention_mask.dim() == 4
+    seed = draw_seed() if dropout_p > 0.0 else None
     out, _ = torch.ops.deberta_fast_cpu.disentangled_attention_forward(
-        query, key, value, pos_key if c2p else None, pos_query if p2c else None, attention_mask, slot_table,
-        float(softmax_scale), int(num_prefix_keys),
+        query, key, value, pos_key if c2p else None, pos_query if p2c else None, None if pair else attention_mask,
+        slot_table, float(softmax_scale), int(num_prefix_keys), attention_mask if pair else None, seed,
+        float(dropout_p),
     )
     return out, None
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, num_keys: int,
+                      dropout_p: float) -> torch.Tensor:
+    """bool [B, H, L, P + L]: where the native op keeps attention probability (b, h, i, k) for the int64 [1] ``seed``
+    (computed by the op's own C++ generator; tests and debugging, O(B·H·L·(P + L)) memory)."""
+    status = extension()
+    if not status.ok:
+        raise RuntimeError(f"the native CPU op of disentangled attention could not be built: {status.error}")
+    keep = torch.ops.deberta_fast_cpu.dropout_keep_mask(seed, batch * heads, length, num_keys, float(dropout_p))
+    return keep.view(batch, heads, length, num_keys)
 

@@ -69,8 +69,15 @@ def disentangled_attention_reference(
     dropout_p: float = 0.0,
     output_attentions: bool = False,
     num_prefix_keys: int = 0,
+    *,
+    dropout_keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference disentangled attention. Arguments and semantics: ``deberta_fast.ops.attention``."""
+    """Reference disentangled attention. Arguments and semantics: ``deberta_fast.ops.attention``.
+
+    dropout_keep: optional bool [B, H, L, P + L] keep mask used instead of drawing transformers' bernoulli mask
+    when dropout_p > 0 (probs · keep / (1 - dropout_p)): the oracle of backends with a counter-based stream
+    (``deberta_fast.ops.attention_dropout.attention_keep_mask``).
+    """
     prefix = num_prefix_keys
     key_rev, value_rev = _reverse_content(key, prefix), _reverse_content(value, prefix)
     bias = None
@@ -98,7 +105,12 @@ def disentangled_attention_reference(
     # Back to the original key order before dropout, so that the dropout mask is drawn over the same layout
     # as transformers draws it: with the same seed both drop the same (query, key) pairs.
     probs = _reverse_content(torch.softmax(scores, dim=-1), prefix, dim=-1)
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and dropout_keep is not None:
+        if tuple(dropout_keep.shape) != tuple(probs.shape):
+            raise ValueError(f"dropout_keep must be [B, H, L, P + L] = {tuple(probs.shape)}; got "
+                             f"{tuple(dropout_keep.shape)}")
+        probs = probs * (dropout_keep.to(device=probs.device, dtype=probs.dtype) / (1.0 - dropout_p))
+    elif dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs, value)
     return out, (probs if output_attentions else None)
