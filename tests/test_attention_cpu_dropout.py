@@ -264,3 +264,40 @@ def test_auto_takes_the_native_op_for_pair_masks():
     call = (*tensors, random_pair_mask(3, 1, 7), kwargs["spec"], kwargs["softmax_scale"], 0.0, False, 0)
     assert dispatch.select(OP_NAME, "auto", CANDIDATES, "cpu", *call) == "cpu"
 
+
+
+def test_custom_op_with_pair_mask_and_dropout_passes_opcheck():
+    tensors, _, kwargs = make_call("v3", 65, "none")
+    from deberta_fast.ops.positions import distance_slot_table
+
+    args = (*tensors, None, distance_slot_table(65, kwargs["spec"]), kwargs["softmax_scale"], 0,
+            random_pair_mask(3, 2, 65), seed_tensor(99), 0.25)
+    torch.library.opcheck(torch.ops.deberta_fast_cpu.disentangled_attention_forward.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_train_mode_model_runs_attention_on_the_native_op(monkeypatch):
+    """A model in train mode with attention dropout sends every attention call to the native op under auto."""
+    import deberta_fast
+    import deberta_fast.ops.attention as attention_op
+    from configs import make_config
+
+    seen = []
+    run = attention_cpu.run
+    monkeypatch.setitem(attention_op._RUN, "cpu", lambda *call: seen.append(call[8]) or run(*call))
+    config = make_config("v3", attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1)
+    torch.manual_seed(0)
+    model = deberta_fast.DebertaV2Model(config).train()
+    ids = torch.randint(1, config.vocab_size, (2, 33))
+    mask = torch.ones(2, 33, dtype=torch.long)
+    mask[1, 20:] = 0
+    with dispatch.use_backend("auto"):
+        torch.manual_seed(1)
+        first = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.manual_seed(1)
+        again = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert seen and all(p == 0.1 for p in seen) and len(seen) == 2 * config.num_hidden_layers
+    assert torch.equal(first, again)  # torch.manual_seed fixes the attention masks too
+    first.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) > 10 and all(torch.isfinite(g).all() for g in grads)
