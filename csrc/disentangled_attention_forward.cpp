@@ -29,7 +29,7 @@ constexpr int64_t kPackChunk = 256;
 constexpr int64_t kTaskBlocks = 2;  // row blocks per tile task
 
 struct ForwardWorker {
-  Block qs, c2p, scores, acc, col_ok, row_max, row_sum, col_scratch, col_terms, factor;
+  Block qs, c2p, scores, acc, col_ok, row_max, row_sum, col_scratch, col_terms, factor, uniform_out;
   bool ready = false;
 
   void init(const Geometry& g) {
@@ -42,7 +42,7 @@ struct ForwardWorker {
                   o_scores = plan.add(kBlockRows * cols), o_acc = plan.add(rows * g.value_dim),
                   o_ok = plan.add(cols), o_max = plan.add(rows), o_sum = plan.add(rows),
                   o_cs = plan.add(kBlockCols * round_up(kBlockRows, 16)), o_ct = plan.add(kBlockRows * cols),
-                  o_f = plan.add(cols);
+                  o_f = plan.add(cols), o_u = plan.add(kBlockRows * g.value_dim);
     float* base = thread_scratch(plan.total());
     qs.ptr = base + o_qs;
     c2p.ptr = base + o_c2p;
@@ -54,6 +54,7 @@ struct ForwardWorker {
     col_scratch.ptr = base + o_cs;
     col_terms.ptr = base + o_ct;
     factor.ptr = base + o_f;
+    uniform_out.ptr = base + o_u;
   }
 };
 
@@ -267,6 +268,25 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
         const float* acc = w.acc.data() + blk * kBlockRows * Dv;
         const float* m = w.row_max.data() + blk * kBlockRows;
         const float* l = w.row_sum.data() + blk * kBlockRows;
+        // Rows without any valid key attend uniformly to the L keys; dropped, they are (1 / L) sum_j z_ij V_j,
+        // computed for all such rows of the block at once: factor rows in S, products in uniform_out.
+        int64_t uniform_index[kBlockRows];
+        int64_t n_uniform = 0;
+        if (drop.on()) {
+          for (int64_t r = 0; r < bm; ++r) uniform_index[r] = l[r] > 0.f ? -1 : n_uniform++;
+        }
+        if (n_uniform > 0) {
+          TORCH_CHECK(uniform_rows, "deberta_fast_cpu: a score row without any valid key");
+          for (int64_t j0 = 0; j0 < L; j0 += kBlockCols) {
+            const int64_t bn = std::min(kBlockCols, L - j0);
+            for (int64_t r = 0; r < bm; ++r) {
+              if (uniform_index[r] < 0) continue;
+              drop.factors(bh, i0 + r, 0, j0, 1, bn, bn, drop.scale() / static_cast<float>(L),
+                           S + uniform_index[r] * ldS);
+            }
+            gemm_rr(n_uniform, Dv, bn, S, ldS, vr.row(j0), vr.ld, w.uniform_out.data(), Dv, j0 > 0);
+          }
+        }
         for (int64_t r = 0; r < bm; ++r) {
           const int64_t i = i0 + r;
           T* o = out + ((b * L + i) * H + h) * Dv;
@@ -276,15 +296,8 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
             for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(acc[r * Dv + d] * inv);
             *row_lse = m[r] + std::log(l[r]);
           } else if (drop.on()) {
-            // Uniform over the L keys, then dropped: (1 / L) sum_j z_ij V_j. The row's acc is still zero.
-            TORCH_CHECK(uniform_rows, "deberta_fast_cpu: a score row without any valid key");
-            float* ar = w.acc.data() + (blk * kBlockRows + r) * Dv;
-            for (int64_t j0 = 0; j0 < L; j0 += kBlockCols) {
-              const int64_t bn = std::min(kBlockCols, L - j0);
-              drop.factors(bh, i, 0, j0, 1, bn, bn, drop.scale() / static_cast<float>(L), w.factor.data());
-              gemm_rr(1, Dv, bn, w.factor.data(), bn, vr.row(j0), vr.ld, ar, Dv, true);
-            }
-            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(ar[d]);
+            const float* ur = w.uniform_out.data() + uniform_index[r] * Dv;
+            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(ur[d]);
             *row_lse = std::numeric_limits<float>::infinity();
           } else {
             TORCH_CHECK(uniform_rows, "deberta_fast_cpu: a score row without any valid key");
