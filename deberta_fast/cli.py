@@ -141,8 +141,8 @@ def main(argv=None) -> int:
         return 0
     except _package_errors() as error:
         message = " ".join(str(error).split()) or type(error).__name__
-        if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
-            message = f"{error.filename}: {message}"
+        if isinstance(error, OSError) and error.filename and error.strerror:
+            message = f"{error.filename}: {error.strerror}"
         parser.exit(2, f"deberta-fast {args.command}: error: {message}\n")
 
 
