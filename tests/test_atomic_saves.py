@@ -268,3 +268,19 @@ def test_kill_9_during_repeated_saves_leaves_one_complete_save(tmp_path, kind):
     leftovers = [p for p in os.listdir(tmp_path) if p != "out"]
     assert len(leftovers) <= 1, f"staging folders pile up: {leftovers}"  # at most the one of the last kill
     assert seen, seen
+
+
+def test_save_through_a_symlinked_target_keeps_the_link(tmp_path):
+    model = adapter_model()
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    model.save_adapter(str(link), "a")
+    fill_(model, [".loras.a.", "heads.a."], 4.0)
+    model.save_adapter(str(link), "a")
+    assert link.is_symlink() and (real / persistence.CONFIG_NAME).is_file()
+    other = tiny_model()
+    other.load_adapter(str(link))
+    assert counters(other, [".loras.a.", "heads.a."]) == {4.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

@@ -155,7 +155,7 @@ def atomic_directory(target: str, replaces=()):
     """Yield an empty staging folder; when the block completes, the target folder becomes the staging content
     plus the entries of the old target that the block did not write and that ``replaces`` does not name (a tuple
     of names, or a predicate on a name), in one atomic step. On error the target is untouched."""
-    target = os.path.abspath(os.fspath(target))
+    target = os.path.realpath(os.fspath(target))  # a symlinked target: save into the folder it points to
     if os.path.lexists(target) and not os.path.isdir(target):
         raise ValueError(f"{target}: exists and is not a directory")
     parent, base = os.path.split(target)
