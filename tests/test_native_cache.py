@@ -256,3 +256,41 @@ def test_truncated_real_library_rebuilds_instead_of_sigbus(killed_then_completed
     assert report["error"] == "" and report["diff"] < 1e-5
     assert "not usable" in err
     assert library.stat().st_size == len(data) or native_cache.verified_library(library.parent)[0] is not None
+
+
+@pytest.mark.parametrize("failure, reason", [
+    ("no_compiler", "exit code"),
+    ("time_limit", "did not finish within 0.5 s"),
+])
+def test_unfinishable_build_auto_falls_back_and_explicit_cpu_raises(tmp_path, failure, reason):
+    """Compiler missing or a build past its time limit: auto serves on the reference with the reason logged, an
+    explicit cpu request raises BackendUnavailable with it; nothing is left behind to trip a later process."""
+    script = textwrap.dedent("""
+        import json, logging, torch
+        records = []
+        handler = logging.Handler(); handler.emit = lambda r: records.append(r.getMessage())
+        logging.getLogger("deberta_fast").addHandler(handler)
+        from deberta_fast.ops import BackendUnavailable, disentangled_attention
+        from deberta_fast.ops.positions import RelativePositionSpec
+        spec = RelativePositionSpec(True, True, 8, 24)
+        q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3)); pk, pq = torch.randn(2, 1, 2, 16, 8).unbind(0)
+        disentangled_attention(q, k, v, pk, pq, None, spec=spec, softmax_scale=0.2, backend="auto")
+        try:
+            disentangled_attention(q, k, v, pk, pq, None, spec=spec, softmax_scale=0.2, backend="cpu")
+            raised = ""
+        except BackendUnavailable as error:
+            raised = str(error)
+        print(json.dumps(dict(raised=raised, skips=[r for r in records if "auto skipped backend 'cpu'" in r])))
+    """)
+    env = dict(os.environ, DEBERTA_FAST_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("DEBERTA_FAST_BACKEND", None)
+    if failure == "no_compiler":
+        env["CXX"] = str(tmp_path / "no-such-compiler")
+    else:
+        env[native_cache.TIMEOUT_ENV_VAR] = "0.5"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["skips"]) == 1 and reason in report["skips"][0]
+    assert "could not be built" in report["raised"] and reason in report["raised"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "cpu_ext_v2").iterdir()) == []

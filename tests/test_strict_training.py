@@ -342,3 +342,25 @@ def test_training_png_is_written_and_a_missing_matplotlib_is_explained(tmp_path,
     loop.train(TrainOptions(output_dir=str(tmp_path / "without"), **options))
     assert not (tmp_path / "without" / "training.png").exists()
     assert "no plot: matplotlib is missing (pip install matplotlib)" in capsys.readouterr().out
+
+
+def test_checkpoint_write_that_fails_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from adapters_helpers import tiny_model
+
+    model = tiny_model()
+    model.add_adapter("t", config="lora")
+    model.train_adapter("t")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checkpoint.save(str(tmp_path), model, optimizer, scheduler, checkpoint.RunState(step=1))
+    before = (tmp_path / checkpoint.FILE).read_bytes()
+
+    def half_written(payload, handle):
+        handle.write(b"PK\x03\x04 a truncated archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", half_written)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save(str(tmp_path), model, optimizer, scheduler, checkpoint.RunState(step=2))
+    assert (tmp_path / checkpoint.FILE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.FILE]
