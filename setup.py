@@ -27,6 +27,7 @@ setup(
         "huggingface_hub",
         "numpy",
         "tqdm",
+        "matplotlib",  # deberta-fast train's training.png and deberta-fast bench's table PNG
     ],
     entry_points={"console_scripts": ["deberta-fast = deberta_fast.cli:main"]},
     extras_require={

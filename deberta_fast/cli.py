@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .training.options import PRECISIONS, SCHEDULES, TrainOptions
+from .training.options import PRECISIONS, RESUME_MAY_CHANGE, SCHEDULES, TrainOptions
 
 TRAIN_HELP = """\
 Fine-tune an adapter (any AdapterHub config string) or the whole model ("full") together with a classification
@@ -64,13 +65,18 @@ def _train_parser(sub) -> None:
                         help="fp32, or bf16 / fp16 autocast (default fp32)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute layer activations in the backward pass to save memory")
-    parser.add_argument("--backend", default=d.backend,
-                        help="attention / adapter op backend: auto, reference, triton, cpu (default auto)")
+    parser.add_argument("--backend", default=None,
+                        help="attention / adapter op backend: auto, reference, triton, cpu (default: the "
+                             "DEBERTA_FAST_BACKEND environment variable when set, else auto)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
                         help=f"evaluate (accuracy, macro-F1) and checkpoint every N steps; 0: only at the end "
                              f"(default {d.eval_every})")
+    may_change = ", ".join(f"--{o.replace('_', '-')}" for o in RESUME_MAY_CHANGE
+                           if o not in ("max_steps", "resume", "output_dir", "progress"))
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the last checkpoint in --output-dir")
+                        help="continue from the last checkpoint in --output-dir; the run's other options must be the "
+                             f"ones it was started with (checked). May change: {may_change}, --no-progress, and "
+                             "--max-steps upward")
     parser.add_argument("--mlm-steps", type=int, default=d.mlm_steps,
                         help="masked-LM warm-up steps of the embedded default model before fine-tuning (default 0)")
     parser.add_argument("--mlm-learning-rate", type=float, default=d.mlm_learning_rate,
@@ -100,16 +106,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _package_errors() -> tuple:
+    """The errors of bad input or of the environment that deberta-fast reports as one line (exit code 2)."""
+    from .ops.dispatch import BackendUnavailable
+    from .ops.native_cache import BuildFailed
+    from .training.loop import TrainingDiverged
+
+    return ValueError, OSError, BackendUnavailable, BuildFailed, TrainingDiverged
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
+            from .ops.dispatch import ENV_VAR
             from .training.loop import train
 
             values = vars(args).copy()
             values.pop("command")
             values["progress"] = not values.pop("no_progress")
+            if values["backend"] is None:
+                from_env = os.environ.get(ENV_VAR, "").strip()
+                values["backend"] = from_env or "auto"
+                if from_env and from_env not in ("auto", "reference", "triton", "cpu"):
+                    raise ValueError(f"environment variable {ENV_VAR} (the default of --backend): expected auto, "
+                                     f"reference, triton or cpu; got {from_env!r}")
             result = train(TrainOptions(**values))
             print(f"test accuracy: {result['accuracy']:.4f}  macro-F1: {result['macro_f1']:.4f}")
             return 0
@@ -117,8 +139,11 @@ def main(argv=None) -> int:
 
         run_from_args(args)
         return 0
-    except ValueError as error:
-        parser.exit(2, f"deberta-fast {args.command}: error: {error}\n")
+    except _package_errors() as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, OSError) and error.filename and error.strerror:
+            message = f"{error.filename}: {error.strerror}"
+        parser.exit(2, f"deberta-fast {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":

@@ -35,12 +35,12 @@ def test_module_entry_point_prints_help():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--epochs", "0"], "--epochs: expected a number > 0; got 0"),
+        (["train", "--epochs", "0"], "--epochs: expected a finite number in (0, 1e+06]; got 0"),
         (["train", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
         (["train", "--train-file", "/nonexistent.jsonl"], "--train-file: expected an existing .jsonl or .csv"),
         (["train", "--model", "/nonexistent"], "--model: expected a checkpoint directory"),
         (["train", "--backend", "gpu"], "--backend: backend must be one of auto, reference, triton, cpu"),
-        (["train", "--warmup-ratio", "1.5"], "--warmup-ratio: expected a number in [0, 1)"),
+        (["train", "--warmup-ratio", "1.5"], "--warmup-ratio: expected a finite number in [0, 1)"),
         (["bench", "--cases", "attention,nope"], "--cases: unknown case(s) ['nope']"),
         (["bench", "--lengths", "12,x"], "--lengths: expected comma-separated integers"),
     ],

@@ -105,21 +105,27 @@ class AdapterIOMixin:
     def save_adapter(self, save_directory: str, adapter_name: str, with_head: bool = True, meta_dict: dict = None,
                      custom_weights_loaders=None, use_safetensors: bool = False) -> None:
         """Write adapter ``adapter_name`` (and, with_head, the head of the same name if there is one) to
-        ``save_directory`` in AdapterHub's format; every file is replaced atomically."""
+        ``save_directory`` in AdapterHub's format, atomically as a whole directory (persistence.atomic_directory:
+        other files in the folder are kept)."""
         if adapter_name not in self.adapters_config:
             raise ValueError(f"No adapter with name '{adapter_name}' found. "
                              f"Added adapters: {list(self.adapters_config)}")
-        _make_directory(save_directory)
+        replaces = files.ADAPTER_FILES + (files.HEAD_FILES if with_head and adapter_name in self.heads else ())
+        with files.atomic_directory(save_directory, replaces) as staging:
+            self._write_adapter(staging, adapter_name, with_head, meta_dict, custom_weights_loaders, use_safetensors)
+
+    def _write_adapter(self, directory, adapter_name, with_head, meta_dict, custom_weights_loaders,
+                       use_safetensors) -> None:
         config = self.adapters_config.get(adapter_name)
         state = self._adapter_state_dict(adapter_name)
         weights_name = files.SAFE_WEIGHTS_NAME if use_safetensors else files.WEIGHTS_NAME
-        files.write_weights(os.path.join(save_directory, weights_name), state, use_safetensors)
-        files.write_json(os.path.join(save_directory, files.CONFIG_NAME),
+        files.write_weights(os.path.join(directory, weights_name), state, use_safetensors)
+        files.write_json(os.path.join(directory, files.CONFIG_NAME),
                          self._file_envelope(config.to_dict(), adapter_name, meta_dict))
         if with_head and adapter_name in self.heads:
-            self.save_head(save_directory, adapter_name, use_safetensors=use_safetensors)
+            self._write_head(directory, adapter_name, use_safetensors)
         for loader in custom_weights_loaders or []:
-            loader.save(save_directory, adapter_name)
+            loader.save(directory, adapter_name)
 
     def _adapter_state_dict(self, adapter_name: str) -> dict:
         """The adapter's tensors under AdapterHub's keys (prefix pool tensors also under each layer's alias)."""
@@ -137,13 +143,15 @@ class AdapterIOMixin:
 
     def save_all_adapters(self, save_directory: str, with_head: bool = True, meta_dict: dict = None,
                           custom_weights_loaders=None, use_safetensors: bool = False) -> None:
-        """save_adapter for every adapter into ``save_directory/<name>`` (with "config_id" = the config hash)."""
-        _make_directory(save_directory)
-        for name in self.adapters_config:
-            meta = dict(meta_dict or {})
-            meta["config_id"] = adapter_config_hash(self.adapters_config.get(name))
-            self.save_adapter(os.path.join(save_directory, name), name, with_head=with_head, meta_dict=meta,
-                              custom_weights_loaders=custom_weights_loaders, use_safetensors=use_safetensors)
+        """save_adapter for every adapter into ``save_directory/<name>`` (with "config_id" = the config hash), all
+        in one atomic directory swap of ``save_directory``."""
+        with files.atomic_directory(save_directory, tuple(self.adapters_config)) as staging:
+            for name in self.adapters_config:
+                meta = dict(meta_dict or {})
+                meta["config_id"] = adapter_config_hash(self.adapters_config.get(name))
+                folder = os.path.join(staging, name)
+                os.mkdir(folder)
+                self._write_adapter(folder, name, with_head, meta, custom_weights_loaders, use_safetensors)
 
     def load_adapter(self, adapter_name_or_path: str, config=None, version=None, model_name=None, load_as=None,
                      with_head: bool = True, custom_weights_loaders=None, leave_out=None, id2label=None,
@@ -170,6 +178,9 @@ class AdapterIOMixin:
         for key in ("config", "name"):
             if key not in file_config:
                 raise ValueError(f"{config_path}: missing the {key!r} entry of an AdapterHub adapter config")
+        if not isinstance(file_config["config"], dict) or not isinstance(file_config["name"], str):
+            raise ValueError(f"{config_path}: 'config' must be an object and 'name' a string; got config="
+                             f"{file_config['config']!r}, name={file_config['name']!r}")
         if "version" not in file_config and isinstance(file_config["config"], dict):
             activation = file_config["config"].get("non_linearity")
             if activation in _ACTIVATION_RENAMES:
@@ -188,29 +199,60 @@ class AdapterIOMixin:
         saved_name = file_config["name"]
         name = load_as or saved_name
         added = name not in self.adapters_config
+        # Any error below (weights, head, custom loaders) leaves the model as it was before the call.
+        restore = self._snapshot(lambda key: _belongs_to_adapter(key, name))
         if added:
-            self.add_adapter(name, config=file_config["config"])
+            try:
+                self.add_adapter(name, config=file_config["config"])
+            except (ValueError, TypeError) as error:
+                raise _naming_file(error, config_path) from None
         else:
             logger.warning("Overwriting existing adapter '%s'.", name)
         try:
             left_out = set(file_config["config"].get("leave_out") or [])
             self._copy_adapter_weights(weights_path, state, saved_name, name, left_out)
-        except Exception:
+            if with_head:
+                self._load_head_dir(directory, load_as=load_as, id2label=id2label, use_safetensors=use_safetensors,
+                                    set_active=set_active, main_load_name=name, required=False)
+            for loader in custom_weights_loaders or []:
+                loader.load(directory, load_as=load_as, loading_info=loading_info, main_load_name=name,
+                            id2label=id2label, set_active=set_active)
+            if set_active:
+                self.set_active_adapters(name)
+        except BaseException:
             if added:
                 self.delete_adapter(name)
+            restore()
             raise
         if isinstance(loading_info, dict):
             loading_info.setdefault("missing_keys", [])
             loading_info.setdefault("unexpected_keys", [])
-        if with_head:
-            self._load_head_dir(directory, load_as=load_as, id2label=id2label, use_safetensors=use_safetensors,
-                                set_active=set_active, main_load_name=name, required=False)
-        for loader in custom_weights_loaders or []:
-            loader.load(directory, load_as=load_as, loading_info=loading_info, main_load_name=name, id2label=id2label,
-                        set_active=set_active)
-        if set_active:
-            self.set_active_adapters(name)
         return name
+
+    def _snapshot(self, selects):
+        """A function that restores the heads, the active setup and the values of the tensors whose key
+        ``selects`` to their state at this call (the rollback of a failed load)."""
+        heads = dict(self.heads.items())
+        active_heads = self._active_heads
+        active_setup = self.adapters_config.active_setup
+        values = {k: v.detach().clone() for k, v in self._named_tensors().items() if selects(k)}
+
+        def restore() -> None:
+            for head_name in [n for n in self.heads if n not in heads]:
+                del self.heads[head_name]
+            for head_name, head in heads.items():
+                if head_name not in self.heads or self.heads[head_name] is not head:
+                    self.heads[head_name] = head
+            self._active_heads = active_heads
+            self._refresh_tied_weights_keys()
+            current = self._named_tensors()
+            with torch.no_grad():
+                for key, value in values.items():
+                    if key in current and current[key].shape == value.shape:
+                        current[key].copy_(value)
+            self.adapters_config.active_setup = active_setup
+
+        return restore
 
     def _copy_adapter_weights(self, path: str, state: dict, saved_name: str, name: str, left_out: set) -> None:
         renamed, aliases = {}, {}
@@ -265,28 +307,37 @@ class AdapterIOMixin:
             head_name = with_head if isinstance(with_head, str) else name
             if head_name not in self.heads:
                 raise ValueError(f"No head with name {head_name} found")
-        _make_directory(save_directory)
+        replaces = files.FUSION_FILES + (files.HEAD_FILES if head_name is not None else ())
+        with files.atomic_directory(save_directory, replaces) as staging:
+            self._write_fusion(staging, name, config, names, meta_dict, custom_weights_loaders, head_name,
+                               use_safetensors)
+
+    def _write_fusion(self, directory, name, config, names, meta_dict, custom_weights_loaders, head_name,
+                      use_safetensors) -> None:
         marker = f".adapter_fusion_layer.{name}."
         state = {k: v for k, v in self.state_dict().items() if marker in k}
         weights_name = files.SAFE_ADAPTERFUSION_WEIGHTS_NAME if use_safetensors else files.ADAPTERFUSION_WEIGHTS_NAME
-        files.write_weights(os.path.join(save_directory, weights_name), state, use_safetensors)
+        files.write_weights(os.path.join(directory, weights_name), state, use_safetensors)
         envelope = self._file_envelope(config.to_dict(), name, meta_dict)
         envelope["adapter_names"] = list(names)
-        files.write_json(os.path.join(save_directory, files.ADAPTERFUSION_CONFIG_NAME), envelope)
+        files.write_json(os.path.join(directory, files.ADAPTERFUSION_CONFIG_NAME), envelope)
         for loader in custom_weights_loaders or []:
-            loader.save(save_directory, name)
+            loader.save(directory, name)
         if head_name is not None:
-            self.save_head(save_directory, head_name, use_safetensors=use_safetensors)
+            self._write_head(directory, head_name, use_safetensors)
 
     def save_all_adapter_fusions(self, save_directory: str, meta_dict: dict = None, custom_weights_loaders=None,
                                  use_safetensors: bool = False) -> None:
-        """save_adapter_fusion for every fusion into ``save_directory/<fusion name>`` (with "config_id")."""
-        _make_directory(save_directory)
-        for name in self.adapters_config.fusions:
-            meta = dict(meta_dict or {})
-            meta["config_id"] = adapter_config_hash(self.adapters_config.get_fusion(name)[0])
-            self.save_adapter_fusion(os.path.join(save_directory, name), name, meta_dict=meta,
-                                     custom_weights_loaders=custom_weights_loaders, use_safetensors=use_safetensors)
+        """save_adapter_fusion for every fusion into ``save_directory/<fusion name>`` (with "config_id"), all in
+        one atomic directory swap of ``save_directory``."""
+        with files.atomic_directory(save_directory, tuple(self.adapters_config.fusions)) as staging:
+            for name in self.adapters_config.fusions:
+                config, names = self.adapters_config.get_fusion(name)
+                meta = dict(meta_dict or {})
+                meta["config_id"] = adapter_config_hash(config)
+                folder = os.path.join(staging, name)
+                os.mkdir(folder)
+                self._write_fusion(folder, name, config, names, meta, custom_weights_loaders, None, use_safetensors)
 
     def load_adapter_fusion(self, adapter_fusion_name_or_path: str, load_as: str = None, custom_weights_loaders=None,
                             set_active: bool = False, with_head: bool = True, use_safetensors: bool = False,
@@ -308,11 +359,15 @@ class AdapterIOMixin:
         for key in ("config", "name"):
             if key not in file_config:
                 raise ValueError(f"{config_path}: missing the {key!r} entry of an AdapterFusion config")
+        if not isinstance(file_config["config"], (dict, str)) or not isinstance(file_config["name"], str):
+            raise ValueError(f"{config_path}: 'config' must be an object or a name and 'name' a string; got "
+                             f"config={file_config['config']!r}, name={file_config['name']!r}")
         saved_name = file_config["name"]
         name = load_as or saved_name
         adapter_names = file_config.get("adapter_names", name)
         state = files.read_weights(weights_path)
         added = name not in self.adapters_config.fusions
+        restore = self._snapshot(lambda key: f".adapter_fusion_layer.{name}." in key)
         if added:
             self.add_adapter_fusion(adapter_names, file_config["config"], name=name, overwrite_ok=True,
                                     set_active=set_active)
@@ -329,21 +384,22 @@ class AdapterIOMixin:
             with torch.no_grad():
                 for key, target in expected.items():
                     target.copy_(renamed[key])
-        except Exception:
+            if with_head:
+                self._load_head_dir(directory, load_as=load_as, id2label=None, use_safetensors=use_safetensors,
+                                    set_active=set_active, main_load_name=name, required=False)
+            for loader in custom_weights_loaders or []:
+                loader.load(directory, load_as=load_as, loading_info=loading_info, main_load_name=name,
+                            set_active=set_active)
+            if set_active:
+                self.set_active_adapters(self._fuse_block(name))
+        except BaseException:
             if added:
                 self.delete_adapter_fusion(name)
+            restore()
             raise
         if isinstance(loading_info, dict):
             loading_info.setdefault("missing_keys", [])
             loading_info.setdefault("unexpected_keys", [])
-        if with_head:
-            self._load_head_dir(directory, load_as=load_as, id2label=None, use_safetensors=use_safetensors,
-                                set_active=set_active, main_load_name=name, required=False)
-        for loader in custom_weights_loaders or []:
-            loader.load(directory, load_as=load_as, loading_info=loading_info, main_load_name=name,
-                        set_active=set_active)
-        if set_active:
-            self.set_active_adapters(self._fuse_block(name))
         return name
 
     def _fuse_block(self, fusion_name: str):
@@ -355,25 +411,32 @@ class AdapterIOMixin:
     # ---- heads ------------------------------------------------------------------------------------------------
 
     def save_head(self, save_directory: str, head_name: str = None, use_safetensors: bool = False) -> None:
-        """Write head ``head_name`` (head_config.json + weights) to ``save_directory``."""
+        """Write head ``head_name`` (head_config.json + weights) to ``save_directory``, atomically as a whole
+        directory."""
         if head_name is None:
             if len(self.heads) != 1:
                 raise ValueError(f"save_head: pass head_name (the model has heads {list(self.heads)})")
             head_name = next(iter(self.heads))
         if head_name not in self.heads:
             raise ValueError(f"Unknown head_name '{head_name}'. Heads: {list(self.heads)}")
-        _make_directory(save_directory)
+        with files.atomic_directory(save_directory, files.HEAD_FILES) as staging:
+            self._write_head(staging, head_name, use_safetensors)
+
+    def _write_head(self, directory: str, head_name: str, use_safetensors: bool) -> None:
         prefix = f"heads.{head_name}."
         state = {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
         weights_name = files.SAFE_HEAD_WEIGHTS_NAME if use_safetensors else files.HEAD_WEIGHTS_NAME
-        files.write_weights(os.path.join(save_directory, weights_name), state, use_safetensors)
-        files.write_json(os.path.join(save_directory, files.HEAD_CONFIG_NAME),
+        files.write_weights(os.path.join(directory, weights_name), state, use_safetensors)
+        files.write_json(os.path.join(directory, files.HEAD_CONFIG_NAME),
                          self._file_envelope(dict(self.heads[head_name].config), head_name))
 
     def save_all_heads(self, save_directory: str, use_safetensors: bool = False) -> None:
-        _make_directory(save_directory)
-        for name in self.heads:
-            self.save_head(os.path.join(save_directory, name), name, use_safetensors=use_safetensors)
+        """save_head for every head into ``save_directory/<name>``, in one atomic directory swap."""
+        with files.atomic_directory(save_directory, tuple(self.heads)) as staging:
+            for name in self.heads:
+                folder = os.path.join(staging, name)
+                os.mkdir(folder)
+                self._write_head(folder, name, use_safetensors)
 
     def load_head(self, save_directory: str, load_as: str = None, id2label=None, use_safetensors: bool = False,
                   **kwargs) -> str:
@@ -475,10 +538,12 @@ def _raise_on_mismatch(path, missing, unexpected, loaded, expected) -> None:
         raise ValueError(f"{path}: the weights do not match the model's modules: " + "; ".join(problems))
 
 
-def _make_directory(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{path}: exists and is not a directory")
-    os.makedirs(path, exist_ok=True)
+def _naming_file(error: Exception, path: str) -> Exception:
+    """``error`` with ``path`` in front of its message, same type where the type allows it."""
+    try:
+        return type(error)(f"{path}: {error}")
+    except Exception:
+        return ValueError(f"{path}: {error}")
 
 
 def _fix_ejected_prefix(file_config: dict, state: dict, path: str) -> None:

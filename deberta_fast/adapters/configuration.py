@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ __all__ = [
     "ADAPTER_CONFIG_MAP",
     "DEFAULT_ADAPTER_CONFIG",
     "AdapterConfig",
+    "ConfigValueError",
     "BnConfig",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
@@ -56,10 +58,67 @@ __all__ = [
 ]
 
 
+class ConfigValueError(ValueError, TypeError):
+    """A config field with a value of the wrong type or out of range. Both a ValueError and a TypeError, so that
+    code catching either (as around AdapterHub, where such values fail later with one or the other) catches it."""
+
+
+# Fields whose value must be an integer >= 1 / >= 0, or a probability in [0, 1).
+_POSITIVE_INTS = {"r", "phm_dim", "phm_rank", "prefix_length", "prompt_length", "bottleneck_size", "n_up_projection"}
+_NON_NEGATIVE_INTS = {"prefix_positions", "suffix_positions"}
+_PROBABILITIES = {"dropout", "stochastic_depth"}
+_NUMBERS = {"alpha"}  # annotated int by AdapterHub, used as a float scale
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_field(config_name: str, name: str, annotation: str, value) -> None:
+    """Raise ConfigValueError naming the field when ``value`` does not fit its annotation or range."""
+    def fail(expected):
+        raise ConfigValueError(f"{config_name}: {name} must be {expected}; got {value!r}")
+
+    kinds = {part.strip() for part in annotation.split("|")}
+    if value is None:
+        if "None" not in kinds:
+            fail(f"{' or '.join(sorted(kinds))}, not None")
+        return
+    if name in _NUMBERS:
+        if not _is_number(value):
+            fail("a finite number")
+    elif name in _POSITIVE_INTS or name in _NON_NEGATIVE_INTS:
+        low = 1 if name in _POSITIVE_INTS else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            fail(f"an integer >= {low}")
+    elif name in _PROBABILITIES:
+        if not _is_number(value) or not 0 <= value < 1:
+            fail("a number in [0, 1)")
+    elif kinds <= {"int", "None"}:
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail("an integer")
+    elif kinds <= {"float", "None"}:
+        if not _is_number(value):
+            fail("a finite number")
+    elif kinds <= {"bool", "None"}:
+        if not isinstance(value, bool):
+            fail("True or False")
+    elif kinds <= {"str", "None"}:
+        if not isinstance(value, str):
+            fail("a string")
+    elif kinds == {"float", "Mapping"}:
+        if not (isinstance(value, Mapping) or (_is_number(value) and value > 0)):
+            fail("a number > 0 or a per-layer mapping")
+
+
 class AdapterConfig(Mapping):
     """Base of every adapter configuration: immutable, a read-only mapping of its fields, JSON round trip."""
 
     architecture: str | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_field(type(self).__name__, f.name, str(f.type), getattr(self, f.name))
 
     def __init__(self):
         raise TypeError("AdapterConfig is abstract: use a concrete class such as LoRAConfig or SeqBnConfig")
@@ -118,6 +177,9 @@ class AdapterConfig(Mapping):
         """Resolve ``config`` (module docstring) to a config object; ``kwargs`` that are not None override fields."""
         if download_kwargs:
             raise ValueError("download_kwargs: deberta_fast resolves configs locally only (no AdapterHub Hub access)")
+        if isinstance(config, str) and not config.strip():
+            raise ValueError("config: an empty string; expected a name from ADAPTER_CONFIG_MAP (optionally "
+                             "'name[key=value, ...]'), a dict, a JSON file path or an AdapterConfig")
         if config is None or (not isinstance(config, AdapterConfig) and not config):
             return None
         if isinstance(config, AdapterConfig):

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
+import re
 
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
@@ -30,6 +29,7 @@ from .head_management import HEAD_KWARGS, FlexibleHeadsMixin
 from .hub import HubMixin
 from .injection import inject_adapter_layers
 from .management import AdapterManagementMixin, unsupported_reasons
+from .persistence import atomic_directory
 from .registry import AdapterRegistry
 from .static_heads import static_head_conversion
 
@@ -38,6 +38,9 @@ logger = logging.getLogger("deberta_fast")
 __all__ = ["DebertaV2AdapterModel"]
 
 # Keyword arguments of from_pretrained that locate files; used to read the config before loading.
+# What a save_pretrained owns in its folder: config files and the weights in any format and shard layout.
+_PRETRAINED_FILES = re.compile(r"^(config\.json|generation_config\.json|"
+                               r"(pytorch_model|model)(-\d+-of-\d+)?\.(bin|safetensors)(\.index\.json)?)$")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
@@ -130,11 +133,11 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
 
     def save_pretrained(self, save_directory, **kwargs):
         """transformers' save_pretrained with config.json's "adapters" and "prediction_heads" sections (AdapterHub's
-        layout). Files are written to a temporary directory and moved into place one by one (os.replace). Merged
-        LoRAs are saved unmerged (base weights as loaded, adapters separate) and re-merged afterwards."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"{save_directory}: exists and is not a directory")
-        os.makedirs(save_directory, exist_ok=True)
+        layout), atomic as a whole directory (adapters/persistence.py ``atomic_directory``): the files are written
+        to a staging folder and swapped with the target in one step. Files of the target that this save does not
+        write (a tokenizer, a README) are kept; the config and weight files of an earlier save are replaced, in
+        every format and shard layout. Merged LoRAs are saved unmerged (base weights as loaded, adapters separate)
+        and re-merged afterwards."""
         merged = {layer: layer.merged for layer in self._lora_layers() if layer.merged is not None}
         for layer in merged:
             layer.reset_adapter()
@@ -142,13 +145,10 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
         previous = {key: getattr(self.config, key, missing) for key in ("adapters", "prediction_heads")}
         self.config.adapters = self.adapters_config.to_dict()
         self.config.prediction_heads = self.get_prediction_heads_config()
-        staging = tempfile.mkdtemp(prefix=".deberta_fast_save.", dir=save_directory)
         try:
-            result = super().save_pretrained(staging, **kwargs)
-            for name in os.listdir(staging):
-                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+            with atomic_directory(save_directory, _PRETRAINED_FILES.match) as staging:
+                result = super().save_pretrained(staging, **kwargs)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
             for key, value in previous.items():
                 if value is missing:
                     delattr(self.config, key)

@@ -8,16 +8,30 @@ Directory written by ``save_adapter(dir, name, with_head=True)``:
     head_config.json      same envelope around the head config           (only when a head of that name exists)
     pytorch_model_head.bin                                               (model_head.safetensors)
 
-Every file is written to a temporary file in the target directory and moved into place with ``os.replace``, so an
-interrupted save leaves the previous file intact. Reading uses ``torch.load(weights_only=True)`` or safetensors;
-a file that cannot be read raises ``OSError`` naming it.
+Every save is atomic as a whole directory (``atomic_directory``): the new content is written into a staging folder
+next to the target, and the staging folder and the target are swapped in one step (Linux ``renameat2`` with
+RENAME_EXCHANGE; elsewhere two renames, whose only gap a later save repairs). A crash at any moment (kill -9, power)
+leaves the target holding either all of the old content or all of the new. Files in the target that the save does
+not write (a README, tokenizer files, another head) are carried over into the new content, as AdapterHub, which
+writes into the folder, leaves them. A save replaces the files of the kinds it writes in both formats (saving
+adapter.safetensors removes an older pytorch_adapter.bin), so a folder never offers a stale alternative. Staging
+folders of killed saves are swept on the next save into the same parent folder.
+
+Reading uses ``torch.load(weights_only=True)`` or safetensors; a file that cannot be read raises ``OSError`` naming
+it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
+import secrets
+import shutil
+import sys
 import tempfile
 
 import torch
@@ -31,6 +45,7 @@ __all__ = [
     "SAFE_HEAD_WEIGHTS_NAME",
     "SAFE_WEIGHTS_NAME",
     "WEIGHTS_NAME",
+    "atomic_directory",
     "atomic_path",
     "read_json",
     "read_weights",
@@ -51,6 +66,135 @@ SAFE_ADAPTERFUSION_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
 # The "version" field names the file format: AdapterHub 1.3.0's. AdapterHub reads it to decide on backward-compat
 # fixes (LoRA alpha before 1.1, activation names without a version), so we write the version whose format we emit.
 FORMAT_VERSION = "adapters.1.3.0"
+
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_NAME)
+HEAD_FILES = (HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, SAFE_HEAD_WEIGHTS_NAME)
+FUSION_FILES = (ADAPTERFUSION_CONFIG_NAME, ADAPTERFUSION_WEIGHTS_NAME, SAFE_ADAPTERFUSION_WEIGHTS_NAME)
+
+# Staging ("new") and swapped-out ("old") folders of atomic_directory, next to the target.
+_SAVE_LEFTOVER = re.compile(r"^\.(?P<base>.+)\.deberta_fast-(?P<kind>new|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+# Leftovers of earlier versions' per-file saves inside a target: atomic_path folders and save_pretrained staging.
+_LEGACY_LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\.deberta_fast_save\.[a-z0-9_]{8}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_saves(parent: str) -> None:
+    """Remove the staging folders that killed saves left in ``parent``; a swapped-out folder whose target is
+    missing (a crash between the two renames of the non-Linux swap) is renamed back into place."""
+    try:
+        entries = os.listdir(parent)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        match = _SAVE_LEFTOVER.match(entry)
+        if not match or _pid_alive(int(match["pid"])):
+            continue
+        path = os.path.join(parent, entry)
+        target = os.path.join(parent, match["base"])
+        if match["kind"] == "old" and not os.path.lexists(target):
+            with contextlib.suppress(OSError):
+                os.rename(path, target)
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # no hard links on this file system
+        shutil.copy2(source, destination)
+
+
+def _fsync_tree(root: str) -> None:
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        _fsync_directory(folder)
+
+
+def _fsync_directory(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # a file system without exchange support
+    raise OSError(code, os.strerror(code), second)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str, replaces=()):
+    """Yield an empty staging folder; when the block completes, the target folder becomes the staging content
+    plus the entries of the old target that the block did not write and that ``replaces`` does not name (a tuple
+    of names, or a predicate on a name), in one atomic step. On error the target is untouched."""
+    target = os.path.realpath(os.fspath(target))  # a symlinked target: save into the folder it points to
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise ValueError(f"{target}: exists and is not a directory")
+    parent, base = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    sweep_saves(parent)
+    replaced = replaces if callable(replaces) else (lambda name, names=frozenset(replaces): name in names)
+    staging = os.path.join(parent, f".{base}.deberta_fast-new-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(staging)
+    try:
+        yield staging
+        _fsync_tree(staging)
+        if os.path.isdir(target):
+            written = set(os.listdir(staging))
+            for entry in os.listdir(target):
+                if entry in written or replaced(entry) or _LEGACY_LEFTOVER.match(entry) \
+                        or _SAVE_LEFTOVER.match(entry):
+                    continue
+                source, destination = os.path.join(target, entry), os.path.join(staging, entry)
+                if os.path.isdir(source) and not os.path.islink(source):
+                    shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+                elif os.path.islink(source):
+                    os.symlink(os.readlink(source), destination)
+                else:
+                    _link_or_copy(source, destination)
+            _fsync_directory(staging)
+            if _exchange(staging, target):
+                pass  # staging now holds the old content, removed below
+            else:
+                old = os.path.join(parent, f".{base}.deberta_fast-old-{os.getpid()}-{secrets.token_hex(4)}")
+                os.rename(target, old)
+                os.rename(staging, target)
+                staging = old
+        else:
+            os.rename(staging, target)
+            staging = None
+        _fsync_directory(parent)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

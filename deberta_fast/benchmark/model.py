@@ -97,15 +97,16 @@ def _memory_worker(spec: str) -> None:
     print(json.dumps(harness.peak_rss_growth_mib(forward_fn(model, inputs))))
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
+def parse_shapes(text: str, option: str = "--shapes") -> list[tuple[int, int]]:
+    """[(length, layers)] from "512:12,2048:2"; ValueError naming ``option``."""
     shapes = []
     for item in text.split(","):
         try:
             length, layers = (int(x) for x in item.split(":"))
         except ValueError:
-            raise SystemExit(f"--shapes: expected comma-separated LENGTH:LAYERS pairs such as 512:12; got {item!r}")
+            raise ValueError(f"{option}: expected comma-separated LENGTH:LAYERS pairs such as 512:12; got {item!r}")
         if length < 1 or layers < 1:
-            raise SystemExit(f"--shapes: LENGTH and LAYERS must be >= 1; got {item!r}")
+            raise ValueError(f"{option}: LENGTH and LAYERS must be >= 1; got {item!r}")
         shapes.append((length, layers))
     return shapes
 
@@ -151,7 +152,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.memory_worker:
         return _memory_worker(args.memory_worker)
-    shapes = [(256, 2)] if args.quick else parse_shapes(args.shapes)
+    try:
+        shapes = [(256, 2)] if args.quick else parse_shapes(args.shapes)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     repeats = 2 if args.quick else args.repeats
     rows = run(shapes, args.batch, repeats, args.device, getattr(torch, args.dtype), memory=not args.no_memory)
     path = args.csv or os.path.join(harness.results_dir(), f"model_forward_{args.device}{'_quick' if args.quick else ''}.csv")

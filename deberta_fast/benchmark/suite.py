@@ -42,7 +42,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                         help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--quick", action="store_true", help="small shapes, finishes in about a minute on a CPU")
-    parser.add_argument("--csv", default=None, help="CSV path (default bench/results/suite_<device>.csv)")
+    parser.add_argument("--out", default=".",
+                        help="folder of the CSV and PNG files (default: the current directory; never the package)")
+    parser.add_argument("--csv", default=None, help="CSV path (default <--out>/suite_<device>.csv)")
     parser.add_argument("--png", default=None, help="PNG path of the table (default next to the CSV)")
 
 
@@ -217,17 +219,36 @@ def _op_rows(case, providers, grads, tokens, repeats, facts, baseline_name):
     return rows
 
 
-def run_from_args(args) -> list[dict]:
+def check_args(args) -> dict:
+    """Every option checked before anything is built or timed; returns the resolved settings. ValueError names
+    the option."""
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not cases:
+        raise ValueError(f"--cases: expected a comma-separated subset of {', '.join(CASES)}; got {args.cases!r}")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise ValueError(f"--cases: unknown case(s) {unknown}; expected a subset of {', '.join(CASES)}")
-    lengths = _int_list(args.lengths or ("128,256" if args.quick else "512,2048"), "lengths")
-    shapes = model_bench.parse_shapes(args.model_shapes or ("128:2" if args.quick else "512:12,2048:2"))
-    tokens = args.tokens or (1024 if args.quick else 8192)
-    repeats = args.repeats or (2 if args.quick else 5)
-    if args.batch < 1:
-        raise ValueError(f"--batch: expected an integer >= 1; got {args.batch}")
+    for option in ("batch", "repeats", "tokens"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option}: expected an integer >= 1; got {value}")
+    shapes = model_bench.parse_shapes(args.model_shapes or ("128:2" if args.quick else "512:12,2048:2"),
+                                      "--model-shapes")
+    return {
+        "cases": cases,
+        "lengths": _int_list(args.lengths or ("128,256" if args.quick else "512,2048"), "lengths"),
+        "shapes": shapes,
+        "tokens": args.tokens or (1024 if args.quick else 8192),
+        "repeats": args.repeats or (2 if args.quick else 5),
+        "out": os.path.abspath(args.out),
+    }
+
+
+def run_from_args(args) -> list[dict]:
+    settings = check_args(args)
+    cases, lengths, shapes = settings["cases"], settings["lengths"], settings["shapes"]
+    tokens, repeats, out = settings["tokens"], settings["repeats"], settings["out"]
+    os.makedirs(out, exist_ok=True)
     facts = harness.machine_facts()
     rows = []
     if "attention" in cases:
@@ -242,12 +263,12 @@ def run_from_args(args) -> list[dict]:
         from . import gpu_adapters, gpu_attention
 
         if "attention" in cases:
-            gpu_attention.main([])
+            gpu_attention.main(["--out", os.path.join(out, "gpu_attention.csv")])
         if "lora" in cases or "bottleneck" in cases:
-            gpu_adapters.main([])
+            gpu_adapters.main(["--out", os.path.join(out, "gpu_adapters.csv")])
     unavailable = {(r["case"], r["provider"]): r["note"] for r in rows if r["note"].startswith("BackendUnavailable")}
     rows = [r for r in rows if (r["case"], r["provider"]) not in unavailable]
-    path = args.csv or os.path.join(harness.results_dir(), f"suite_{args.device}{'_quick' if args.quick else ''}.csv")
+    path = args.csv or os.path.join(out, f"suite_{args.device}{'_quick' if args.quick else ''}.csv")
     harness.write_csv(rows, path)
     columns = ["case", "length", "layers", "tokens", "mode", "provider", "median_s", "speedup_vs_transformers",
                "speedup_vs_eager_lora", "speedup_vs_eager_bottleneck", "note"]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from . import native_cache
 from .attention_dropout import draw_seed
 from .dispatch import logger
 from .positions import RelativePositionSpec, distance_slot_table
@@ -119,28 +120,17 @@ def _build_once() -> BuildStatus:
     if directory is None:
         return BuildStatus(error="its C++ sources (csrc/) are not installed with this copy of deberta_fast")
     try:
-        from torch.utils import cpp_extension
-
         sources = sorted(p for p in directory.iterdir() if p.suffix in _SOURCE_SUFFIXES)
         flags = compile_flags()
         key = build_key(sources, flags)
-        build_dir = cache_root() / "cpu_ext" / key
-        build_dir.mkdir(parents=True, exist_ok=True)
-        if not any(build_dir.glob("*.so")):
-            logger.warning(
-                "deberta_fast: compiling the native CPU attention op on first use (about a minute, once; cached in "
-                "%s)", build_dir,
-            )
-        library = cpp_extension.load(
-            name=f"deberta_fast_cpu_{key}",
-            sources=[str(p) for p in sources if p.suffix == ".cpp"],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"] if sys.platform.startswith("linux") else [],
-            extra_include_paths=[str(directory)],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
+        # Built in a child process with a time limit, staged and verified (size + sha256) before it is loaded:
+        # see native_cache.py for what holds after a crash at any point.
+        library = native_cache.build_or_load(
+            cache_root() / "cpu_ext_v2", key, name=f"deberta_fast_cpu_{key}",
+            sources=[str(p) for p in sources if p.suffix == ".cpp"], cflags=flags,
+            ldflags=["-fopenmp"] if sys.platform.startswith("linux") else [], include_paths=[str(directory)],
         )
+        torch.ops.load_library(str(library))
     except Exception as error:  # any build or load failure: the reference serves instead
         message = " ".join(str(error).split())
         if len(message) > 600:

@@ -19,9 +19,13 @@ import torch.distributed as dist
 
 from ..ops.dispatch import use_backend
 from . import checkpoint
-from .data import bundled_path, label_names, read_labelled
+from .data import bundled_path, check_labels, label_names, read_labelled
 from .metrics import accuracy, macro_f1
 from .options import TrainOptions
+
+
+class TrainingDiverged(ArithmeticError):
+    """The training loss stopped being finite; nothing of the run was saved after the last good checkpoint."""
 
 
 class _World:
@@ -179,7 +183,8 @@ def train(options: TrainOptions) -> dict:
     """Run the fine-tuning; returns the final metrics (also written to <output_dir>/metrics.json)."""
     options.validate()
     world = _World()
-    os.makedirs(options.output_dir, exist_ok=True)
+    if world.main:
+        options.check_output_dir()  # before any data is read or model built: an unwritable folder loses nothing
     log_handle = open(options.log_file, "a") if (options.log_file and world.main) else None
 
     def log(message: str) -> None:
@@ -194,7 +199,8 @@ def train(options: TrainOptions) -> dict:
                                options.label_column)
     eval_data = read_labelled(options.eval_file or bundled_path("test.jsonl"), options.text_column,
                               options.label_column)
-    labels = label_names(train_data, eval_data)
+    check_labels(train_data, eval_data)
+    labels = label_names(train_data)
     label_id = {name: index for index, name in enumerate(labels)}
     if options.batch_size % world.size:
         raise ValueError(f"--batch-size: the global batch ({options.batch_size}) must divide evenly over "
@@ -226,7 +232,7 @@ def train(options: TrainOptions) -> dict:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(options, total_steps))
         state = checkpoint.RunState()
         if options.resume:
-            state = checkpoint.load(options.output_dir, core, optimizer, scheduler) or state
+            state = checkpoint.load(options.output_dir, core, optimizer, scheduler, options) or state
             if state.step:
                 log(f"resumed from step {state.step}")
         progress = None
@@ -250,12 +256,20 @@ def train(options: TrainOptions) -> dict:
                 with _autocast(options, world.device):
                     loss = model(input_ids=ids.to(world.device), attention_mask=mask.to(world.device),
                                  labels=targets.to(world.device)).loss
+                value = world.mean(loss.item())
+                if not math.isfinite(value):
+                    saved = (f"{options.output_dir} keeps the checkpoint of step {state.evaluations[-1]['step']}"
+                             if state.evaluations else "nothing was saved")
+                    raise TrainingDiverged(
+                        f"step {state.step + 1}: the training loss is {value} (not finite); stopped before updating "
+                        f"the weights, {saved}. Lower --learning-rate (now {options.learning_rate:g}) or check the "
+                        "data")
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
-                state.losses.append(world.mean(loss.item()))
+                state.losses.append(value)
                 tokens += int(mask.sum()) * world.size
                 if progress is not None:
                     rate = tokens / max(1e-9, time.perf_counter() - started)
@@ -288,7 +302,7 @@ def _evaluate_and_save(core, eval_ids, eval_labels, options, pad_id, world, stat
         log(f"step {state.step}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
     state.evaluations.append({"step": state.step, **world.from_main(metrics)})
     if world.main:
-        checkpoint.save(options.output_dir, core, optimizer, scheduler, state)
+        checkpoint.save(options.output_dir, core, optimizer, scheduler, state, options)
     world.barrier()
 
 
@@ -302,9 +316,12 @@ def _save_outputs(core, options: TrainOptions, result: dict, log) -> None:
     metrics_path = os.path.join(options.output_dir, "metrics.json")
     with open(metrics_path + ".tmp", "w") as handle:
         json.dump(result, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(metrics_path + ".tmp", metrics_path)
     from .plot import plot_run
 
     plot_path = plot_run(result, os.path.join(options.output_dir, "training.png"))
     log(f"final: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} after {result['step']} steps "
-        f"({result['train_seconds']:.0f} s); saved to {options.output_dir}" + (f"; plot {plot_path}" if plot_path else ""))
+        f"({result['train_seconds']:.0f} s); saved to {options.output_dir}"
+        + (f"; plot {plot_path}" if plot_path else "; no plot: matplotlib is missing (pip install matplotlib)"))

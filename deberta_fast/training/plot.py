@@ -1,6 +1,8 @@
-"""Loss and accuracy curves of a run as a PNG, when matplotlib is installed."""
+"""Loss and accuracy curves of a run as a PNG (matplotlib is installed with deberta_fast; None without it)."""
 
 from __future__ import annotations
+
+import os
 
 
 def plot_run(result: dict, path: str) -> str | None:
@@ -28,6 +30,12 @@ def plot_run(result: dict, path: str) -> str | None:
     right.set_ylabel("evaluation")
     right.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    temporary = f"{path}.{os.getpid()}.tmp.png"
+    try:
+        figure.savefig(temporary, dpi=100)
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
     return path
