@@ -309,7 +309,8 @@ class AdapterManagementMixin:
     # ---- merge / reset ----------------------------------------------------------------------------------------
 
     def merge_adapter(self, name: str) -> None:
-        """Fold LoRA / (IA)³ adapter ``name`` into the base weights (``W += s·B A``; (IA)³ scales W and b). The
+        """Fold LoRA-family adapter ``name`` into the base weights (``W += s·B A``; (IA)³ scales W and b; DoRA,
+        VeRA, MTL-LoRA: methods/). The
         forward then costs a plain linear in those layers; ``reset_adapter`` restores the weights exactly."""
         self._require_adapter(name)
         layers = [m for m in self._lora_layers() if name in m.loras]
