@@ -335,6 +335,34 @@ def test_save_load_round_trip(method, tmp_path):
     assert (method in ("vera", "dvora")) == ("deberta.shared_parameters.a.lora_A" in saved)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_save_pretrained_from_pretrained_and_gradient_checkpointing(method, tmp_path):
+    from deberta_fast import DebertaV2AdapterModel
+
+    model = tiny_model()
+    inputs = tiny_inputs()
+    model.add_adapter("a", config=METHODS[method], set_active=True)
+    _randomize(model, "a")
+    expected = _run(model, inputs)
+    model.save_pretrained(str(tmp_path))
+    other = DebertaV2AdapterModel.from_pretrained(str(tmp_path)).eval()
+    other.set_active_adapters("a")
+    assert float((_run(other, inputs) - expected).abs().max()) <= 1e-6
+    grads = []
+    for checkpointing in (True, False):
+        model.train_adapter("a")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        model.zero_grad()
+        model(**inputs).last_hidden_state.pow(2).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key, value in grads[1].items():
+        torch.testing.assert_close(grads[0][key], value, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["dora", "vera", "mtl_lora"])
 def test_linear_average_weights_every_tensor(method):
     model = tiny_model()

@@ -310,8 +310,8 @@ class AdapterManagementMixin:
 
     def merge_adapter(self, name: str) -> None:
         """Fold LoRA-family adapter ``name`` into the base weights (``W += s·B A``; (IA)³ scales W and b; DoRA,
-        VeRA, MTL-LoRA: methods/). The
-        forward then costs a plain linear in those layers; ``reset_adapter`` restores the weights exactly."""
+        VeRA, MTL-LoRA: adapters/methods/). The forward then costs a plain linear in those layers;
+        ``reset_adapter`` restores the weights exactly."""
         self._require_adapter(name)
         layers = [m for m in self._lora_layers() if name in m.loras]
         if not layers:
