@@ -335,6 +335,20 @@ def test_save_load_round_trip(method, tmp_path):
     assert (method in ("vera", "dvora")) == ("deberta.shared_parameters.a.lora_A" in saved)
 
 
+def test_vera_load_as_renames_the_shared_matrices_and_delete_removes_them(tmp_path):
+    model = tiny_model()
+    inputs = tiny_inputs()
+    model.add_adapter("a", config="dvora[vera_b=0.5]", set_active=True)
+    expected = _run(model, inputs)
+    model.save_adapter(str(tmp_path), "a")
+    other = tiny_model()
+    assert other.load_adapter(str(tmp_path), load_as="b", set_active=True) == "b"
+    assert list(other.deberta.shared_parameters) == ["b"]
+    assert float((_run(other, inputs) - expected).abs().max()) <= 1e-6
+    other.delete_adapter("b")
+    assert not list(other.deberta.shared_parameters) and not other.get_adapter("b")
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_save_pretrained_from_pretrained_and_gradient_checkpointing(method, tmp_path):
     from deberta_fast import DebertaV2AdapterModel

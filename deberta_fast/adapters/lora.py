@@ -16,8 +16,9 @@ Math for x [..., in], W [out, in], b [out]:
   mtl_lora.py. The adapter that finishes a row applies its ``combine`` (DoRA rescales there).
 
 A single active plain LoRA or (IA)³ adapter runs through ``deberta_fast.ops.lora_linear`` / ``ops.ia3_linear`` (the
-fused kernels plug in there), and so does any merged adapter (a plain linear); unmerged DoRA, VeRA, MTL-LoRA, gating, stacking, averaging and the row-splitting blocks (Parallel, BatchSplit, MultiTask) run in eager
-PyTorch here. After Parallel / BatchSplit each row group is finished by its own adapter (LoRA adds, (IA)³ scales,
+fused kernels plug in there); a merged adapter of any kind costs a plain linear. Unmerged DoRA, VeRA, MTL-LoRA,
+gating, stacking, averaging and the row-splitting blocks (Parallel, BatchSplit, MultiTask) run in eager PyTorch
+here. After Parallel / BatchSplit each row group is finished by its own adapter (LoRA adds, (IA)³ scales,
 rows without an adapter keep x Wᵀ + b), so every channel equals its single-adapter run.
 
 Because DeBERTa's attention (share_att_key=True) projects the relative embeddings with query_proj / key_proj, LoRA

@@ -8,9 +8,9 @@ to the row norms of the base weight. For x [..., in], W [out, in], b [out], the 
     y = (m / n) ⊙ (x Wᵀ + b + u),      n = ‖W + ΔW‖ per row (unscaled ΔW, as AdapterHub computes it)
 
 The bias sits inside the rescaling, exactly as AdapterHub's forward does it. Merging folds everything into the
-linear layer: W' = (m / n) ⊙ (W + s · ΔW) row-wise and b' = (m / n) ⊙ b, so a merged DoRA gives the unmerged output
-up to rounding. (AdapterHub merges m · (W + ΔW) / n, which drops s and leaves b unscaled: its merged output differs
-from its own unmerged output whenever alpha != r or the bias is non-zero.)
+linear layer: W' = (m / n) ⊙ (W + s · ΔW) row-wise and b' = (m / n) ⊙ b, so a merged DoRA gives the unmerged
+output up to rounding. (AdapterHub merges m · (W + ΔW) / n, which drops s and leaves b unscaled: its merged
+output differs from its own unmerged output whenever alpha != r or the bias is non-zero.)
 """
 
 from __future__ import annotations
