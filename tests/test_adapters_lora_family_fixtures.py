@@ -41,7 +41,8 @@ def _max_diff(a, b):
     return float((a - b).abs().max())
 
 
-@pytest.mark.parametrize("case", sorted(c for c in CASES if "task_ids" not in CASES[c]))
+@pytest.mark.parametrize("case", sorted(c for c in CASES if "task_ids" not in CASES[c] and
+                                         not CASES[c].get("keep_init")))
 def test_adapterhub_adapters_reproduce_its_outputs(case):
     spec = CASES[case]
     model, _ = _load_case(case)
@@ -126,3 +127,19 @@ def test_multitask_routes_rows_like_single_adapter_runs(case):
     for j, name in enumerate(names):
         model.set_active_adapters(name)
         assert _max_diff(_run(model), expected[f"task{j}"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", sorted(c for c in CASES if CASES[c].get("keep_init")))
+def test_seeded_initialisation_draws_adapterhubs_values(case):
+    """These files hold AdapterHub's untouched initialisation from init_weights_seed (LoRA / DoRA / MTL-LoRA per
+    layer, VeRA's shared matrices, DoRA magnitudes): adding the same config string here draws the same tensors."""
+    saved = load_file(os.path.join(HERE, case, "a0", "adapter.safetensors"))
+    model = fixture_model()
+    model.add_adapter("a0", config=CASES[case]["adapters"][0], set_active=True)
+    ours = model._adapter_state_dict("a0")
+    assert set(ours) == set(saved)
+    for key, value in saved.items():
+        assert _max_diff(ours[key], value) <= 1e-7, key
+    assert any(float(v.abs().max()) > 0 and v.numel() > 1 for k, v in saved.items() if "lora_A" in k)
+    expected = load_file(os.path.join(HERE, case, "expected.safetensors"))
+    assert _max_diff(_run(model), expected["last_hidden_state"]) <= TOLERANCE
