@@ -270,6 +270,25 @@ def test_share_parameters_ties_lora_a_and_b_and_unshare_unties():
     assert torch.equal(layer.loras["t0"].lora_A, layer.loras["t1"].lora_A)
 
 
+def test_shared_mtl_lora_saves_as_copies_and_stays_tied(tmp_path):
+    from deberta_fast import DebertaV2AdapterModel
+
+    model = tiny_model()
+    inputs = tiny_inputs(batch=2)
+    for j, name in enumerate(("t0", "t1")):
+        model.add_adapter(name, config="mtl_lora[init_weights='bert']")
+        _randomize(model, name, seed=j)
+    model.share_parameters("t0,t1")
+    model.set_active_adapters(MultiTask("t0", "t1"))
+    expected = _run(model, inputs, task_ids=[1, 0])
+    model.save_pretrained(str(tmp_path))
+    layer = _q(model)
+    assert layer.loras["t0"].lora_A is layer.loras["t1"].lora_A is layer.shared_parameters["t0,t1"]["lora_A"]
+    other = DebertaV2AdapterModel.from_pretrained(str(tmp_path)).eval()
+    other.set_active_adapters(MultiTask("t0", "t1"))
+    assert float((_run(other, inputs, task_ids=[1, 0]) - expected).abs().max()) <= 1e-6
+
+
 def test_share_parameters_checks_its_arguments():
     model = tiny_model()
     model.add_adapter("t0", config="mtl_lora")

@@ -319,6 +319,24 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
                     setattr(module, key, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
         del self.shared_parameters[name]
 
+    def untie_shared(self) -> dict:
+        """Give every adapter tied by ``share_parameters`` its own copy and drop ``shared_parameters`` for now
+        (full-model saving: sharing is not part of the saved config, in AdapterHub neither); returns what
+        ``retie_shared`` needs to restore the exact Parameters."""
+        state = {}
+        for name, shared in list(self.shared_parameters.items()):
+            tied = [(adapter, key) for adapter, module in self.loras.items() for key, param in shared.items()
+                    if getattr(module, key, None) is param]
+            state[name] = (shared, tied)
+            self.unshare_parameters(name)
+        return state
+
+    def retie_shared(self, state: dict) -> None:
+        for name, (shared, tied) in state.items():
+            self.shared_parameters[name] = shared
+            for adapter, key in tied:
+                setattr(self.loras[adapter], key, shared[key])
+
     def average_adapter(self, name: str, input_adapters: dict, combine_strategy: str, **kwargs) -> bool:
         if combine_strategy != "lora_linear_only_negate_b":
             return super().average_adapter(name, input_adapters, combine_strategy, **kwargs)

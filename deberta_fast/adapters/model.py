@@ -131,13 +131,15 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
     def save_pretrained(self, save_directory, **kwargs):
         """transformers' save_pretrained with config.json's "adapters" and "prediction_heads" sections (AdapterHub's
         layout). Files are written to a temporary directory and moved into place one by one (os.replace). Merged
-        LoRAs are saved unmerged (base weights as loaded, adapters separate) and re-merged afterwards."""
+        LoRAs are saved unmerged (base weights as loaded, adapters separate) and re-merged afterwards; MTL-LoRA
+        adapters tied by ``share_parameters`` are saved as separate copies (the tie is restored afterwards)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory}: exists and is not a directory")
         os.makedirs(save_directory, exist_ok=True)
         merged = {layer: layer.merged for layer in self._lora_layers() if layer.merged is not None}
         for layer in merged:
             layer.reset_adapter()
+        ties = {layer: layer.untie_shared() for layer in self._lora_layers() if len(layer.shared_parameters)}
         missing = object()
         previous = {key: getattr(self.config, key, missing) for key in ("adapters", "prediction_heads")}
         self.config.adapters = self.adapters_config.to_dict()
@@ -154,6 +156,8 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
                     delattr(self.config, key)
                 else:
                     setattr(self.config, key, value)
+            for layer, state in ties.items():
+                layer.retie_shared(state)
             for layer, name in merged.items():
                 layer.merge_adapter(name)
         return result
