@@ -35,6 +35,11 @@ _EXPORTS = {
     "ConfigUnion": "deberta_fast.adapters",
     "Stack": "deberta_fast.adapters",
     "Average": "deberta_fast.adapters",
+    "DoRAConfig": "deberta_fast.adapters",
+    "DvoRAConfig": "deberta_fast.adapters",
+    "VeraConfig": "deberta_fast.adapters",
+    "MTLLoRAConfig": "deberta_fast.adapters",
+    "MultiTask": "deberta_fast.adapters",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

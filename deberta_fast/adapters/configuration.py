@@ -10,8 +10,8 @@ load in the other. ``AdapterConfig.load`` accepts:
 - the path of a JSON file (a bare config or an ``adapter_config.json`` with a ``"config"`` section).
 
 Unknown names, unknown keys and unknown architectures raise ``ValueError`` naming them. Which methods this version
-of deberta_fast can *run* is decided by the model (``supports_adapter``: all but MTL-LoRA, DoRA, VeRA, invertible
-adapters and stochastic depth); every AdapterHub config parses here.
+of deberta_fast can *run* is decided by the model (``supports_adapter``: all but invertible adapters and stochastic
+depth); every AdapterHub config parses here.
 """
 
 from __future__ import annotations
@@ -379,8 +379,8 @@ class AdapterPlusConfig(BnConfig):
 class LoRAConfig(AdapterConfig):
     """LoRA (Hu et al., 2021): ``W x + b + (alpha / r) · B A x`` on the attention projections named in
     ``attn_matrices`` (``selfattn_lora``), on ``intermediate.dense`` (``intermediate_lora``) and on ``output.dense``
-    (``output_lora``). ``composition_mode="scale"`` is (IA)³ (:class:`IA3Config`). ``use_dora`` and
-    ``vera_d``/``vera_b`` (DoRA, VeRA) parse but are not run by this version.
+    (``output_lora``). ``composition_mode="scale"`` is (IA)³ (:class:`IA3Config`); ``use_dora=True`` is DoRA and
+    a float ``vera_d`` / ``vera_b`` is VeRA (adapters/methods/).
     """
 
     architecture: str | None = "lora"
@@ -422,7 +422,7 @@ class IA3Config(LoRAConfig):
 
 @dataclass(eq=False)
 class VeraConfig(LoRAConfig):
-    """VeRA (Kopiczko et al., 2023); parses, not run by this version."""
+    """VeRA (Kopiczko et al., 2024): frozen shared random A/B, trained diagonal scalings (methods/vera.py)."""
 
     selfattn_lora: bool = True
     intermediate_lora: bool = False
@@ -437,14 +437,14 @@ class VeraConfig(LoRAConfig):
 
 @dataclass(eq=False)
 class DoRAConfig(LoRAConfig):
-    """DoRA (Liu et al., 2024); parses, not run by this version."""
+    """DoRA (Liu et al., 2024): LoRA plus a trained magnitude per output row (methods/dora.py)."""
 
     use_dora: bool = True
 
 
 @dataclass(eq=False)
 class DvoRAConfig(LoRAConfig):
-    """VeRA + DoRA; parses, not run by this version."""
+    """DvoRA: VeRA with DoRA's magnitude rescaling (methods/vera.py, methods/dora.py)."""
 
     vera_d: float | None = 0.1
     vera_b: float | None = 0.0
@@ -454,7 +454,8 @@ class DvoRAConfig(LoRAConfig):
 
 @dataclass(eq=False)
 class MTLLoRAConfig(LoRAConfig):
-    """MTL-LoRA (Yang et al., 2024); parses, not run by this version."""
+    """MTL-LoRA (Yang et al., 2024): LoRA with a task-specific matrix and weighted up-projections, routed per task
+    by ``MultiTask`` (methods/mtl_lora.py)."""
 
     architecture: str | None = "mtl_lora"
     n_up_projection: int = 1

@@ -12,10 +12,13 @@ Math for x [..., in], W [out, in], b [out]:
 - (IA)³:  y = (x Wᵀ + b) ⊙ (alpha · l),  l = lora_B[:, 0]  (gated: alpha replaced by g).
 - Stack(a, b) in one layer: b's input is a's update (not x) and y = x Wᵀ + b + update_b (AdapterHub's rule).
 - Average: y = x Wᵀ + b + mean_i(w_i · update_i) (AdapterHub's rule: the mean of the weighted updates).
+- DoRA (``use_dora``), VeRA (``vera_d`` / ``vera_b``) and MTL-LoRA (``MTLLoRAConfig``): methods/dora.py, vera.py,
+  mtl_lora.py. The adapter that finishes a row applies its ``combine`` (DoRA rescales there).
 
-A single active adapter runs through ``deberta_fast.ops.lora_linear`` / ``ops.ia3_linear`` (the fused kernels plug
-in there); gating, stacking, averaging and the row-splitting blocks (Parallel, BatchSplit, MultiTask) run in eager
-PyTorch here. After Parallel / BatchSplit each row group is finished by its own adapter (LoRA adds, (IA)³ scales,
+A single active plain LoRA or (IA)³ adapter runs through ``deberta_fast.ops.lora_linear`` / ``ops.ia3_linear`` (the
+fused kernels plug in there); a merged adapter of any kind costs a plain linear. Unmerged DoRA, VeRA, MTL-LoRA,
+gating, stacking, averaging and the row-splitting blocks (Parallel, BatchSplit, MultiTask) run in eager PyTorch
+here. After Parallel / BatchSplit each row group is finished by its own adapter (LoRA adds, (IA)³ scales,
 rows without an adapter keep x Wᵀ + b), so every channel equals its single-adapter run.
 
 Because DeBERTa's attention (share_att_key=True) projects the relative embeddings with query_proj / key_proj, LoRA
@@ -39,6 +42,9 @@ from .composition import AdapterCompositionBlock, Average, BatchSplit, MultiTask
 from .configuration import LoRAConfig, MTLLoRAConfig
 from .initialization import seeded_generator
 from .layer_base import AdapterLayerBase, concat_row_labels, row_groups, slice_row_labels
+from .methods.dora import dora_merged_weights, dora_output, magnitude_from_weight
+from .methods.mtl_lora import MTLLoRA
+from .methods.vera import Vera, is_vera
 
 __all__ = ["IA3", "LoRA", "LoRALinear"]
 
@@ -60,7 +66,10 @@ def _gate_factor(gate: nn.Linear, layer_input: torch.Tensor) -> torch.Tensor:
 class LoRA(nn.Module):
     """One LoRA update: parameters ``lora_A`` [r, in], ``lora_B`` [out, r] (and ``gate`` with use_gating)."""
 
-    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, device=None, dtype=None):
+    sharable_parameters = ("lora_A", "lora_B")
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, device=None, dtype=None,
+                 base_weight: torch.Tensor | None = None):
         super().__init__()
         if config.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1; got {config.r}")
@@ -69,6 +78,9 @@ class LoRA(nn.Module):
         self.scaling = config.alpha / config.r
         self.dropout_p = float(config.dropout)
         self.use_gating = config.use_gating
+        self.use_dora = config.use_dora
+        # DoRA needs the module's own combine / merge, which the fused LoRA op does not do
+        self.fusable = not self.use_dora
         self.composition_mode = "add"
         dtype = _torch_dtype(config.dtype, dtype or torch.get_default_dtype())
         self.lora_A = nn.Parameter(torch.zeros(config.r, in_features, device=device, dtype=dtype))
@@ -84,8 +96,16 @@ class LoRA(nn.Module):
             elif config.init_weights == "ia3":
                 nn.init.ones_(self.lora_A)
                 nn.init.ones_(self.lora_B)
+            elif config.init_weights == "vera":
+                nn.init.kaiming_uniform_(self.lora_A, generator=generator)
+                nn.init.kaiming_uniform_(self.lora_B, generator=generator)
             else:
-                raise ValueError(f"unknown LoRA init_weights {config.init_weights!r}; expected 'lora', 'bert' or 'ia3'")
+                raise ValueError(f"unknown LoRA init_weights {config.init_weights!r}; expected 'lora', 'bert', 'ia3' "
+                                 "or 'vera'")
+        if self.use_dora:
+            if base_weight is None:
+                raise ValueError("DoRA needs the base weight to initialise its magnitude")
+            self.m = magnitude_from_weight(base_weight, dtype)
         if self.use_gating:
             self.gate = nn.Linear(in_features, 1, device=device, dtype=dtype)
             with torch.no_grad():
@@ -112,13 +132,23 @@ class LoRA(nn.Module):
             return out * gate, gate
         return out * self.scaling, None
 
-    @staticmethod
-    def combine(layer_output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    @property
+    def delta_w(self) -> torch.Tensor:
+        """B A, shape [out, in] (unscaled)."""
+        return self.lora_B @ self.lora_A
+
+    def combine(self, layer_output: torch.Tensor, update: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        """layer_output + update; DoRA rescales the sum (methods/dora.py, needs the base ``weight``)."""
+        if self.use_dora:
+            return dora_output(layer_output, update, self.m, weight, self.delta_w)
         return layer_output + update
 
     def merged_weights(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        """(W + s·B A, b): the base weights with this update folded in."""
-        delta = (self.lora_B @ self.lora_A).to(weight.dtype)
+        """(W + s·B A, b): the base weights with this update folded in (DoRA: methods/dora.py)."""
+        delta = self.delta_w.to(weight.dtype)
+        if self.use_dora:
+            return dora_merged_weights(weight, bias, delta, self.scaling, self.m)
         return weight + delta * self.scaling, bias
 
 
@@ -129,12 +159,16 @@ class IA3(nn.Module):
         super().__init__()
         if config.r != 1:
             raise ValueError("Can only use composition_mode='scale' when r == 1.")
+        if config.use_dora:
+            raise ValueError("(IA)³ (composition_mode='scale') does not support DoRA (use_dora=True).")
         if config.dropout > 0.0:
             raise ValueError("IA3 module does not support dropout.")
         self.r = 1
         self.lora_alpha = config.alpha
         self.scaling = config.alpha
         self.use_gating = config.use_gating
+        self.use_dora = False
+        self.fusable = True
         self.composition_mode = "scale"
         dtype = _torch_dtype(config.dtype, dtype or torch.get_default_dtype())
         self.lora_B = nn.Parameter(torch.zeros(out_features, 1, device=device, dtype=dtype))
@@ -170,7 +204,7 @@ class IA3(nn.Module):
         return out * self.scaling, None
 
     @staticmethod
-    def combine(layer_output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    def combine(layer_output: torch.Tensor, update: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return layer_output * update
 
     def merged_weights(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -208,6 +242,8 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
         else:
             self.register_parameter("bias", None)
         self.loras = nn.ModuleDict()
+        # MTL-LoRA parameter sharing: {joined names: ParameterDict(lora_A, lora_B)} (AdapterHub's layout)
+        self.shared_parameters = nn.ModuleDict()
         self._init_adapter_layer(registry, layer_idx, location + "_lora")
         self.attn_key = attn_key
         self.merged: str | None = None
@@ -225,12 +261,18 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
         config = self._registry.match(name, LoRAConfig, layer_idx=layer_idx, location_key=self.location_key)
         if config is None or (self.attn_key is not None and self.attn_key not in config.attn_matrices):
             return False
-        variant = isinstance(config, MTLLoRAConfig) or config.use_dora or config.vera_d is not None
-        if variant or config.vera_b is not None:
-            raise NotImplementedError("MTL-LoRA, DoRA and VeRA are not implemented in this version of deberta_fast")
         kwargs = dict(device=self.weight.device, dtype=self.weight.dtype)
         if config.composition_mode == "add":
-            module = LoRA(self.in_features, self.out_features, config, **kwargs)
+            if isinstance(config, MTLLoRAConfig):
+                if config.use_dora or is_vera(config):
+                    raise ValueError("MTL-LoRA cannot be combined with DoRA or VeRA (use_dora / vera_d / vera_b)")
+                module = MTLLoRA(self.in_features, self.out_features, config, self.weight.device,
+                                 _torch_dtype(config.dtype, self.weight.dtype))
+            elif is_vera(config):
+                module = Vera(self.in_features, self.out_features, config, self._registry, name, self.weight,
+                              self.weight.device, _torch_dtype(config.dtype, self.weight.dtype))
+            else:
+                module = LoRA(self.in_features, self.out_features, config, base_weight=self.weight, **kwargs)
         elif config.composition_mode == "scale":
             module = IA3(self.in_features, self.out_features, config, **kwargs)
         else:
@@ -242,7 +284,58 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
     def delete_adapter(self, name: str) -> None:
         if self.merged == name:
             self.reset_adapter()
+        if name in self.shared_parameters:
+            del self.shared_parameters[name]
         super().delete_adapter(name)
+
+    def share_parameters(self, name: str, adapter_names, reference_adapter_name: str) -> None:
+        """Make the adapters ``adapter_names`` (all present here) use one copy of ``reference_adapter_name``'s
+        lora_A / lora_B, kept in ``shared_parameters[name]``."""
+        if not adapter_names or not all(n in self.loras for n in adapter_names):
+            return
+        reference = self.loras[reference_adapter_name]
+        keys = [k for k in getattr(reference, "sharable_parameters", ()) if hasattr(reference, k)]
+        shared = nn.ParameterDict({k: nn.Parameter(getattr(reference, k).detach().clone(),
+                                                   requires_grad=getattr(reference, k).requires_grad)
+                                   for k in keys})
+        self.shared_parameters[name] = shared
+        for adapter in adapter_names:
+            for key in keys:
+                if getattr(self.loras[adapter], key).shape != shared[key].shape:
+                    raise ValueError(f"cannot share {key} of adapter {adapter!r}: shape "
+                                     f"{tuple(getattr(self.loras[adapter], key).shape)} differs from the reference's "
+                                     f"{tuple(shared[key].shape)}")
+                setattr(self.loras[adapter], key, shared[key])
+
+    def unshare_parameters(self, name: str) -> None:
+        """Drop ``shared_parameters[name]``; the adapters that used it get their own copies (same values), so
+        training one no longer changes the others (AdapterHub leaves them tied)."""
+        if name not in self.shared_parameters:
+            return
+        shared = self.shared_parameters[name]
+        for module in self.loras.values():
+            for key, param in shared.items():
+                if getattr(module, key, None) is param:
+                    setattr(module, key, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+        del self.shared_parameters[name]
+
+    def untie_shared(self) -> dict:
+        """Give every adapter tied by ``share_parameters`` its own copy and drop ``shared_parameters`` for now
+        (full-model saving: sharing is not part of the saved config, in AdapterHub neither); returns what
+        ``retie_shared`` needs to restore the exact Parameters."""
+        state = {}
+        for name, shared in list(self.shared_parameters.items()):
+            tied = [(adapter, key) for adapter, module in self.loras.items() for key, param in shared.items()
+                    if getattr(module, key, None) is param]
+            state[name] = (shared, tied)
+            self.unshare_parameters(name)
+        return state
+
+    def retie_shared(self, state: dict) -> None:
+        for name, (shared, tied) in state.items():
+            self.shared_parameters[name] = shared
+            for adapter, key in tied:
+                setattr(self.loras[adapter], key, shared[key])
 
     def average_adapter(self, name: str, input_adapters: dict, combine_strategy: str, **kwargs) -> bool:
         if combine_strategy != "lora_linear_only_negate_b":
@@ -329,7 +422,7 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
         present = [self.loras[c] for c in setup.children if c in self.loras]
         if not present:
             return ()
-        if len(present) != 1 or present[0].use_gating or isinstance(present[0], IA3):
+        if len(present) != 1 or present[0].use_gating or isinstance(present[0], IA3) or not present[0].fusable:
             return None
         module = present[0]
         return module.lora_A, module.lora_B, module.scaling, module.dropout_active
@@ -339,7 +432,7 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
         if type(setup) is not Stack or not all(isinstance(c, str) for c in setup.children):
             return None
         present = [self.loras[c] for c in setup.children if c in self.loras]
-        if len(present) != 1 or present[0].use_gating:
+        if len(present) != 1 or present[0].use_gating or not present[0].fusable:
             return None
         return present[0]
 
@@ -358,11 +451,12 @@ class LoRALinear(AdapterLayerBase, nn.Linear):
         if last is None:
             return layer_output
         if isinstance(last, str):
-            return self.loras[last].combine(layer_output, state.hidden)
+            return self.loras[last].combine(layer_output, state.hidden, self.weight)
         outputs = []
         for name, rows in row_groups(last):
             rows_output = layer_output[rows]
-            outputs.append(rows_output if name is None else self.loras[name].combine(rows_output, state.hidden[rows]))
+            outputs.append(rows_output if name is None else
+                           self.loras[name].combine(rows_output, state.hidden[rows], self.weight))
         return torch.cat(outputs, dim=0)
 
     def compose_single(self, name: str, state: _LoRAState, level: int = 0) -> _LoRAState:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import torch.nn as nn
 
-from .composition import Stack, parse_composition
+from .composition import MultiTask, Stack, parse_composition
 from .configuration import (
     AdapterConfig,
     BnConfig,
@@ -28,6 +28,7 @@ from .configuration import (
 from .bottleneck import bottleneck_size
 from .layer_base import AdapterLayerBase
 from .lora import LoRALinear
+from .methods.vera import is_vera, shared_vera_parameters
 from .phm import shared_phm_parameters
 from .summary import format_summary
 
@@ -36,7 +37,7 @@ logger = logging.getLogger("deberta_fast")
 __all__ = ["AdapterManagementMixin", "unsupported_reasons"]
 
 # Method types supports_adapter() answers for (AdapterHub's AdapterMethod names).
-_RUNNABLE_TYPES = {"bottleneck", "lora", "prefix_tuning", "prompt_tuning", "reft"}
+_RUNNABLE_TYPES = {"bottleneck", "lora", "prefix_tuning", "prompt_tuning", "reft", "mtl_lora"}
 _KNOWN_TYPES = {"bottleneck", "lora", "prefix_tuning", "prompt_tuning", "reft", "invertible", "mtl_lora"}
 
 
@@ -45,13 +46,14 @@ def unsupported_reasons(config: AdapterConfig) -> list[str]:
     members = config.configs if isinstance(config, ConfigUnion) else [config]
     reasons = []
     for member in members:
-        if isinstance(member, MTLLoRAConfig):
-            reasons.append("MTL-LoRA is not implemented")
-        elif isinstance(member, LoRAConfig):
-            if member.use_dora:
-                reasons.append("DoRA (use_dora=True) is not implemented")
-            if member.vera_d is not None or member.vera_b is not None:
-                reasons.append("VeRA (vera_d / vera_b) is not implemented")
+        if isinstance(member, LoRAConfig):
+            if isinstance(member, MTLLoRAConfig) and member.composition_mode == "add" and (
+                    member.use_dora or is_vera(member)):
+                reasons.append("MTL-LoRA cannot be combined with DoRA or VeRA (AdapterHub cannot build it either)")
+            if is_vera(member) and (member.vera_d is None or member.vera_b is None):
+                reasons.append("VeRA needs both vera_d and vera_b")
+            if member.use_dora and member.composition_mode == "scale":
+                reasons.append("(IA)³ (composition_mode='scale') does not support DoRA")
             if member.composition_mode not in ("add", "scale"):
                 reasons.append(f"unknown composition_mode {member.composition_mode!r} (expected 'add' or 'scale')")
             unknown = sorted(set(member.attn_matrices) - {"q", "k", "v"})
@@ -145,7 +147,9 @@ class AdapterManagementMixin:
                              "attn_matrices and the location flags)")
 
     def _add_shared_parameters(self, adapter_name: str) -> None:
-        """Compacter: the PHM rule / weights shared by all layers of the adapter (``shared_parameters.<name>``)."""
+        """Compacter: the PHM rule / weights shared by all layers of the adapter (``shared_parameters.<name>``);
+        VeRA: its frozen random matrices (methods/vera.py)."""
+        self._add_shared_vera_parameters(adapter_name)
         config = self.adapters_config.match(adapter_name, BnConfig, location_key="phm_layer")
         if config is None or not (config["shared_phm_rule"] or config["shared_W_phm"]):
             return
@@ -153,6 +157,24 @@ class AdapterManagementMixin:
         down = bottleneck_size(self.config.hidden_size, config["reduction_factor"], 0)
         self.deberta.shared_parameters[adapter_name] = shared_phm_parameters(
             config, self.config.hidden_size, down, device=reference.device, dtype=reference.dtype)
+
+    def _add_shared_vera_parameters(self, adapter_name: str) -> None:
+        config = self.adapters_config.match(adapter_name, LoRAConfig)
+        if config is None or not is_vera(config) or config.composition_mode != "add" or isinstance(
+                config, MTLLoRAConfig):
+            return
+        layers = [m for m in self._lora_layers() if adapter_name in m.loras]
+        if not layers:
+            return
+        shapes = {(m.in_features, m.out_features) for m in layers}
+        if len(shapes) > 1:
+            raise ValueError(f"VeRA adapter {adapter_name!r} shares one pair of random matrices across its layers, "
+                             f"so every adapted linear needs the same (in, out) shape; got {sorted(shapes)} (keep "
+                             "VeRA on the attention projections, e.g. intermediate_lora=False, output_lora=False)")
+        first = layers[0]
+        self.deberta.shared_parameters[adapter_name] = shared_vera_parameters(
+            config, (config.r, first.in_features), (first.out_features, config.r), device=first.weight.device,
+            dtype=first.loras[adapter_name].vera_D.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove adapter ``adapter_name`` (a merged LoRA is unmerged first); unknown names are skipped."""
@@ -256,8 +278,11 @@ class AdapterManagementMixin:
         self.apply_to_basemodel_childs(lambda i, child: child.enable_adapters(setup, True, False))
         for name in setup.flatten():
             if name in self.deberta.shared_parameters:
+                # VeRA's shared random matrices stay frozen (AdapterHub's rule); Compacter's shared PHM train
+                lora = self.adapters_config.match(name, LoRAConfig)
+                trainable = not (lora is not None and is_vera(lora))
                 for param in self.deberta.shared_parameters[name].values():
-                    param.requires_grad = True
+                    param.requires_grad = trainable
         self.set_active_adapters(setup)
         self._train_heads_and_embeddings(train_embeddings)
 
@@ -284,8 +309,9 @@ class AdapterManagementMixin:
     # ---- merge / reset ----------------------------------------------------------------------------------------
 
     def merge_adapter(self, name: str) -> None:
-        """Fold LoRA / (IA)³ adapter ``name`` into the base weights (``W += s·B A``; (IA)³ scales W and b). The
-        forward then costs a plain linear in those layers; ``reset_adapter`` restores the weights exactly."""
+        """Fold LoRA-family adapter ``name`` into the base weights (``W += s·B A``; (IA)³ scales W and b; DoRA,
+        VeRA, MTL-LoRA: adapters/methods/). The forward then costs a plain linear in those layers;
+        ``reset_adapter`` restores the weights exactly."""
         self._require_adapter(name)
         layers = [m for m in self._lora_layers() if name in m.loras]
         if not layers:
@@ -359,8 +385,15 @@ class AdapterManagementMixin:
                 lambda i, layer: layer.average_adapter(adapter_name, input_adapters, combine_strategy))
             self.apply_to_basemodel_childs(
                 lambda i, child: child.average_adapter(adapter_name, input_adapters, combine_strategy))
+            lora = self.adapters_config.match(adapter_name, LoRAConfig)
+            if lora is not None and is_vera(lora) and combine_strategy != "linear":
+                raise ValueError("VeRA only supports linear averaging. The combine_strategy must be 'linear'.")
             if self.adapters_config.match(adapter_name, BnConfig, location_key="phm_layer") is not None:
                 self._average_shared_parameters(adapter_name, input_adapters, combine_strategy)
+            elif lora is not None and is_vera(lora):
+                self._average_shared_parameters(adapter_name, input_adapters, combine_strategy)
+                for param in self.deberta.shared_parameters[adapter_name].values():
+                    param.requires_grad = False
             self.deberta.prefix_tuning.average_prefix(adapter_name, input_adapters, combine_strategy,
                                                       device=reference.device, dtype=reference.dtype)
         except Exception:
@@ -382,6 +415,42 @@ class AdapterManagementMixin:
             for key, value in shared[name].items():
                 total[key] = total[key] + weight * value if key in total else weight * value
         shared[adapter_name] = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in total.items()})
+
+    # ---- MTL-LoRA parameter sharing ----------------------------------------------------------------------------
+
+    def share_parameters(self, adapter_names, name: str | None = None, reference_adapter_name: str | None = None):
+        """Make the MTL-LoRA adapters ``adapter_names`` (a MultiTask block, a list, or "a,b") use one copy of
+        ``lora_A`` / ``lora_B`` per layer, starting from ``reference_adapter_name``'s values (default: the first).
+        The copies live in each layer's ``shared_parameters[name]`` (default name: the names joined by ",")."""
+        adapter_names = _names_of(adapter_names)
+        if not adapter_names:
+            raise ValueError("Expected at least one adapter name, but got an empty list.")
+        name = name if name is not None else ",".join(adapter_names)
+        reference_adapter_name = reference_adapter_name or adapter_names[0]
+        configs = []
+        for adapter in adapter_names:
+            config = self.adapters_config.get(adapter)
+            if config is None:
+                raise ValueError(f"No configuration found for adapter '{adapter}'.")
+            if not isinstance(config, MTLLoRAConfig):
+                raise TypeError(f"Expected adapter configuration of type 'MultiTaskConfig' (MTLLoRAConfig) for "
+                                f"adapter '{adapter}', but got '{type(config).__name__}' instead.")
+            configs.append(config)
+        if len({type(c) for c in configs}) > 1:
+            raise TypeError("All adapter configurations must be of the same type, but found multiple types: "
+                            f"{sorted({type(c).__name__ for c in configs})}")
+        if reference_adapter_name not in adapter_names:
+            raise ValueError(f"Reference adapter '{reference_adapter_name}' not found in the provided adapter "
+                             f"names: {adapter_names}.")
+        for layer in self._lora_layers():
+            layer.share_parameters(name, adapter_names, reference_adapter_name)
+
+    def unshare_parameters(self, adapter_names, name: str | None = None) -> None:
+        """Undo ``share_parameters``: every adapter keeps the shared values as its own copy."""
+        adapter_names = _names_of(adapter_names)
+        name = name if name is not None else ",".join(adapter_names)
+        for layer in self._lora_layers():
+            layer.unshare_parameters(name)
 
     def eject_prefix_tuning(self, name: str) -> None:
         """Turn prefix tuning ``name`` from its MLP form into the flat form (the prefixes as one parameter; same
@@ -424,6 +493,14 @@ class AdapterManagementMixin:
         rows.append({"name": "Full model", "#param": base_params, "%param": 100.0,
                      "train": not getattr(self, "model_frozen", False)})
         return rows if as_dict else format_summary(rows)
+
+
+def _names_of(adapter_names) -> list:
+    if isinstance(adapter_names, MultiTask):
+        return list(adapter_names.children)
+    if isinstance(adapter_names, str):
+        return adapter_names.split(",")
+    return list(adapter_names)
 
 
 def _check_name(name, argument: str) -> None:

@@ -137,10 +137,12 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
         to a staging folder and swapped with the target in one step. Files of the target that this save does not
         write (a tokenizer, a README) are kept; the config and weight files of an earlier save are replaced, in
         every format and shard layout. Merged LoRAs are saved unmerged (base weights as loaded, adapters separate)
-        and re-merged afterwards."""
+        and re-merged afterwards; MTL-LoRA adapters tied by ``share_parameters`` are saved as
+        separate copies (the tie is restored afterwards)."""
         merged = {layer: layer.merged for layer in self._lora_layers() if layer.merged is not None}
         for layer in merged:
             layer.reset_adapter()
+        ties = {layer: layer.untie_shared() for layer in self._lora_layers() if len(layer.shared_parameters)}
         missing = object()
         previous = {key: getattr(self.config, key, missing) for key in ("adapters", "prediction_heads")}
         self.config.adapters = self.adapters_config.to_dict()
@@ -154,6 +156,8 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
                     delattr(self.config, key)
                 else:
                     setattr(self.config, key, value)
+            for layer, state in ties.items():
+                layer.retie_shared(state)
             for layer, name in merged.items():
                 layer.merge_adapter(name)
         return result
