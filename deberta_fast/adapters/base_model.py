@@ -2,6 +2,7 @@
 
 ``DebertaV2ModelWithAdapters`` is deberta_fast's DebertaV2Model (same modules and keys) plus
 
+- ``invertible_adapters`` (methods/invertible.py, applied to the embedding output before a prompt is inserted),
 - ``prefix_tuning`` (PrefixTuningPool), ``prompt_tuning`` (PromptTuningLayer) and ``shared_parameters``
   (ModuleDict {adapter: ParameterDict}, e.g. Compacter's shared PHM rule), under AdapterHub's key names;
 - a forward that (1) joins the adapter model's ForwardContext or opens one, (2) for a Parallel setup replicates the
@@ -111,6 +112,8 @@ class DebertaV2ModelWithAdapters(DebertaV2Model):
             token_mask = (pairs.sum(-2) > 0).to(attention_mask.dtype)
         embedding_output = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
                                            position_ids=position_ids, mask=token_mask, inputs_embeds=inputs_embeds)
+        if "invertible_adapters" in self._modules:
+            embedding_output = self.invertible_adapters(embedding_output)
         embedding_output, prompt = self.prompt_tuning(embedding_output)
         if prompt is not None:
             context.prompt_tokens_length = prompt.prompt_length
@@ -125,7 +128,8 @@ class DebertaV2ModelWithAdapters(DebertaV2Model):
         return encoder_outputs
 
 
-def attach_model_parts(base_model: nn.Module, registry, pool: nn.Module, prompt: nn.Module) -> None:
+def attach_model_parts(base_model: nn.Module, registry, pool: nn.Module, prompt: nn.Module,
+                       invertible: nn.Module | None = None) -> None:
     """Switch ``base_model`` (deberta_fast's DebertaV2Model) to DebertaV2ModelWithAdapters and attach the model-level
     adapter modules (idempotent)."""
     if not isinstance(base_model, DebertaV2ModelWithAdapters):
@@ -138,6 +142,8 @@ def attach_model_parts(base_model: nn.Module, registry, pool: nn.Module, prompt:
         base_model.prefix_tuning = pool
     if not hasattr(base_model, "prompt_tuning"):
         base_model.prompt_tuning = prompt
+    if invertible is not None and not hasattr(base_model, "invertible_adapters"):
+        base_model.invertible_adapters = invertible
     if not hasattr(base_model, "shared_parameters"):
         base_model.shared_parameters = nn.ModuleDict()
     registry.shared_parameters = base_model.shared_parameters

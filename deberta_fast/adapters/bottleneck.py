@@ -312,8 +312,9 @@ class BottleneckLayerMixin(AdapterLayerBase):
         config = self._registry.match(name, BnConfig, layer_idx=layer_idx, location_key=self.location_key)
         if config is None:
             return False
-        unsupported = [key for key, off in (("inv_adapter", None), ("cross_adapter", False),
-                                            ("stochastic_depth", 0.0)) if config[key] not in (off, None, 0, False)]
+        # inv_adapter lives on the embeddings (methods/invertible.py), not in the layers
+        unsupported = [key for key, off in (("cross_adapter", False), ("stochastic_depth", 0.0))
+                       if config[key] not in (off, None, 0, False)]
         if unsupported:
             raise NotImplementedError(f"bottleneck options {unsupported} are not implemented in this version of "
                                       "deberta_fast")

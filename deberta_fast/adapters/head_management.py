@@ -332,6 +332,10 @@ class FlexibleHeadsMixin:
         context = context if context is not None else ForwardContext.for_registry(self.adapters_config)
         if context is not None and context.prompt_tokens_length:
             kwargs["prompt_tokens_length"] = context.prompt_tokens_length
+        invertible = getattr(self.base_model, "invertible_adapters", None)
+        block = invertible.first_active() if invertible is not None else None
+        if block is not None:
+            kwargs["invertible_adapter"] = block
         channels = 1
         if context is not None and context.adapter_setup is not None and context.adapters_parallelized:
             channels = context.adapter_setup.parallel_channels

@@ -333,6 +333,9 @@ class MaskedLMHead(PredictionHead):
         hidden = outputs[0]
         for index in range(self.decoder_index):
             hidden = self[index](hidden)
+        invertible = kwargs.get("invertible_adapter")
+        if invertible is not None:
+            hidden = invertible(hidden, rev=True)
         logits = self[self.decoder_index](hidden)
         labels = kwargs.get("labels")
         loss = None

@@ -1,0 +1,1 @@
+"""One module per adapter method that is not part of the original flat layout (invertible adapters, ...)."""
