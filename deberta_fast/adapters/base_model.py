@@ -23,6 +23,7 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 from ..models import DebertaV2Model
 from ..models.base import validate_model_inputs
+from .base_model_api import BaseModelAdapterAPI
 from .context import AdapterSetup, ForwardContext
 from .prompt_tuning import insert_prompt_mask, prompt_pair_mask
 
@@ -46,9 +47,10 @@ def _repeat_rows(tensor: torch.Tensor | None, channels: int) -> torch.Tensor | N
     return tensor.repeat(channels, *([1] * (tensor.dim() - 1)))
 
 
-class DebertaV2ModelWithAdapters(DebertaV2Model):
+class DebertaV2ModelWithAdapters(BaseModelAdapterAPI, DebertaV2Model):
     """deberta_fast's DebertaV2Model with the model-level adapter steps (module docstring); same arguments and
-    outputs (the batch is [channels · B] under a Parallel setup, the sequence P + L with a prompt)."""
+    outputs (the batch is [channels · B] under a Parallel setup, the sequence P + L with a prompt). It also carries
+    AdapterHub's base-model adapter API, forwarded to the model that owns it (base_model_api.py)."""
 
     @property
     def adapter_registry(self):

@@ -44,6 +44,7 @@ from ..ops.bottleneck import ACTIVATIONS as OP_ACTIVATIONS
 from ..ops.bottleneck import bottleneck_adapter
 from .composition import AdapterCompositionBlock, Average, BatchSplit, Fuse, Parallel, Split, Stack
 from .configuration import BnConfig
+from .errors import MissingLayerEntryError
 from .fusion import AdapterFusionLayer
 from .initialization import seeded_generator
 from .layer_base import AdapterLayerBase, concat_row_labels, row_groups, slice_row_labels
@@ -90,7 +91,7 @@ def bottleneck_size(hidden_size: int, reduction_factor, layer_idx: int) -> int:
         elif "default" in reduction_factor:
             reduction_factor = reduction_factor["default"]
         else:
-            raise ValueError(
+            raise MissingLayerEntryError(
                 f"reduction_factor mapping {dict(reduction_factor)} has no entry for layer {layer_idx} and no "
                 "'default'; give one like {'1': 16, 'default': 16}"
             )

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UnknownConfigKeyError
+
 __all__ = [
     "ADAPTER_CONFIG_MAP",
     "DEFAULT_ADAPTER_CONFIG",
@@ -152,7 +154,7 @@ def _check_keys(cls, values: Mapping) -> None:
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
+        raise UnknownConfigKeyError(
             f"unknown config key(s) {unknown} for {cls.__name__}; known keys: {sorted(known - {'architecture'})}"
         )
 
@@ -548,7 +550,7 @@ class ConfigUnion(AdapterConfig):
     def replace(self, **changes) -> ConfigUnion:
         unknown = sorted(k for k in changes if not any(k in c.__dict__ for c in self.configs))
         if unknown:
-            raise ValueError(f"unknown config key(s) {unknown} for every member of {self!r}")
+            raise UnknownConfigKeyError(f"unknown config key(s) {unknown} for every member of {self!r}")
         return ConfigUnion(*[c.replace(**{k: v for k, v in changes.items() if k in c.__dict__}) for c in self.configs])
 
     @classmethod

@@ -24,13 +24,16 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 from ..models import DebertaV2Model
 from ..ops.dispatch import log_once
 from .adapter_io import AdapterIOMixin
+from .base_model_api import AdapterOwnerMixin, set_adapter_owner
 from .context import AdapterSetup, ForwardContext
+from .embeddings import EmbeddingsMixin
 from .fusion_management import FusionManagementMixin
 from .head_management import HEAD_KWARGS, FlexibleHeadsMixin
 from .hub import HubMixin
 from .injection import inject_adapter_layers
 from .management import AdapterManagementMixin, unsupported_reasons
 from .registry import AdapterRegistry
+from .setup_io import AdapterSetupIOMixin
 from .static_heads import static_head_conversion
 
 logger = logging.getLogger("deberta_fast")
@@ -41,7 +44,8 @@ __all__ = ["DebertaV2AdapterModel"]
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
-class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, FusionManagementMixin, AdapterManagementMixin,
+class DebertaV2AdapterModel(AdapterOwnerMixin, EmbeddingsMixin, AdapterSetupIOMixin, HubMixin, AdapterIOMixin,
+                            FlexibleHeadsMixin, FusionManagementMixin, AdapterManagementMixin,
                             hf.DebertaV2PreTrainedModel):
     """DeBERTa-v2/v3 with adapters (bottleneck, Compacter, LoRA, (IA)³, prefix and prompt tuning, ReFT, unions),
     AdapterFusion, composition blocks and flexible heads, AdapterHub's API (module docstring).
@@ -62,6 +66,7 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
         self.post_init()
         # Injected after post_init so that transformers' weight initialisation never touches the wrappers.
         inject_adapter_layers(self.deberta, self.adapters_config)
+        set_adapter_owner(self.deberta, self)
         for name in self.adapters_config:
             reasons = unsupported_reasons(self.adapters_config.get(name))
             if reasons:
@@ -118,7 +123,9 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
             head_config, renames = conversion
             kwargs["key_mapping"] = {**renames, **(kwargs.get("key_mapping") or {})}
             kwargs["_flex_head_from_static"] = ("default", head_config)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # output_loading_info=True gives (model, {"missing_keys": ..., "unexpected_keys": ..., ...})
+        model = result[0] if isinstance(result, tuple) else result
         if conversion is not None:
             # The renames are a one-way conversion: saving must write the flex-head keys, not revert them.
             targets = set(conversion[1].values())
@@ -126,7 +133,7 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
                 c for c in (getattr(model, "_weight_conversions", None) or [])
                 if not set(getattr(c, "target_patterns", [])) & targets
             ] or None
-        return model
+        return result
 
     def save_pretrained(self, save_directory, **kwargs):
         """transformers' save_pretrained with config.json's "adapters" and "prediction_heads" sections (AdapterHub's
