@@ -25,7 +25,7 @@ BASE_MODEL_API = (
     "save_adapter_setup", "load_adapter_setup", "push_adapter_to_hub",
 )
 # Read-only attributes forwarded.
-_BASE_MODEL_ATTRIBUTES = ("loaded_embeddings", "active_embeddings", "has_parallel_adapters", "model_frozen")
+_BASE_MODEL_ATTRIBUTES = ("loaded_embeddings", "active_embeddings", "has_parallel_adapters")
 
 
 def set_adapter_owner(base_model, owner) -> None:
@@ -76,6 +76,10 @@ class BaseModelAdapterAPI:
     @property
     def adapters_config(self):
         return self.__dict__["_adapter_registry"]
+
+    @adapters_config.setter
+    def adapters_config(self, registry):
+        self.__dict__["_adapter_registry"] = registry
 
     @property
     def active_adapters(self):

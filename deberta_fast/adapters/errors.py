@@ -3,7 +3,7 @@ ValueError deberta_fast raised before) both work."""
 
 from __future__ import annotations
 
-__all__ = ["MissingLayerEntryError", "UnknownConfigKeyError"]
+__all__ = ["MissingLayerEntryError", "UnknownConfigKeyError", "UnknownHeadTypeError"]
 
 
 class UnknownConfigKeyError(TypeError, ValueError):
@@ -18,3 +18,7 @@ class MissingLayerEntryError(KeyError, ValueError):
     def __str__(self) -> str:
         # KeyError's str() shows the repr of its argument (quotes, escapes); keep the message readable
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownHeadTypeError(AttributeError, ValueError):
+    """``add_custom_head`` of a head type that was not registered (AdapterHub: AttributeError)."""

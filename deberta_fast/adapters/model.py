@@ -24,15 +24,14 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 from ..models import DebertaV2Model
 from ..ops.dispatch import log_once
 from .adapter_io import AdapterIOMixin
-from .base_model_api import AdapterOwnerMixin, set_adapter_owner
+from .base_model_api import AdapterOwnerMixin
 from .context import AdapterSetup, ForwardContext
 from .embeddings import EmbeddingsMixin
 from .fusion_management import FusionManagementMixin
 from .head_management import HEAD_KWARGS, FlexibleHeadsMixin
 from .hub import HubMixin
-from .injection import inject_adapter_layers
-from .management import AdapterManagementMixin, unsupported_reasons
-from .registry import AdapterRegistry
+from .init import AdapterInitMixin
+from .management import AdapterManagementMixin
 from .setup_io import AdapterSetupIOMixin
 from .static_heads import static_head_conversion
 
@@ -44,8 +43,8 @@ __all__ = ["DebertaV2AdapterModel"]
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
-class DebertaV2AdapterModel(AdapterOwnerMixin, EmbeddingsMixin, AdapterSetupIOMixin, HubMixin, AdapterIOMixin,
-                            FlexibleHeadsMixin, FusionManagementMixin, AdapterManagementMixin,
+class DebertaV2AdapterModel(AdapterInitMixin, AdapterOwnerMixin, EmbeddingsMixin, AdapterSetupIOMixin, HubMixin,
+                            AdapterIOMixin, FlexibleHeadsMixin, FusionManagementMixin, AdapterManagementMixin,
                             hf.DebertaV2PreTrainedModel):
     """DeBERTa-v2/v3 with adapters (bottleneck, Compacter, LoRA, (IA)³, prefix and prompt tuning, ReFT, unions),
     AdapterFusion, composition blocks and flexible heads, AdapterHub's API (module docstring).
@@ -60,20 +59,10 @@ class DebertaV2AdapterModel(AdapterOwnerMixin, EmbeddingsMixin, AdapterSetupIOMi
         super().__init__(config)
         self.deberta = DebertaV2Model(config)
         self._init_head_state()
-        self.adapters_config = AdapterRegistry.from_dict(getattr(config, "adapters", None))
-        self.adapters_config.model_config = config
         self.model_frozen = False
         self.post_init()
         # Injected after post_init so that transformers' weight initialisation never touches the wrappers.
-        inject_adapter_layers(self.deberta, self.adapters_config)
-        set_adapter_owner(self.deberta, self)
-        for name in self.adapters_config:
-            reasons = unsupported_reasons(self.adapters_config.get(name))
-            if reasons:
-                raise ValueError(f"config.adapters: adapter {name!r} cannot be built: " + "; ".join(reasons))
-            self._add_adapter_weights(name)
-        for fusion_name in self.adapters_config.fusions:
-            self.apply_to_adapter_layers(lambda i, layer, fusion=fusion_name: layer.add_fusion_layer(fusion))
+        self.init_adapters(config, getattr(config, "adapters", None))
         heads = dict(getattr(config, "prediction_heads", None) or {})
         if _flex_head_from_static is not None:
             name, head_config = _flex_head_from_static
@@ -219,6 +208,7 @@ class DebertaV2AdapterModel(AdapterOwnerMixin, EmbeddingsMixin, AdapterSetupIOMi
             adapter_input_parallelized=bool(adapter_input_parallelized),
             task_ids=task_ids,
         )
+        self.forward_context(context)
         with context:
             outputs = self.deberta(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                    position_ids=position_ids, inputs_embeds=inputs_embeds,
