@@ -44,7 +44,16 @@ from .fusion import (
     StaticAdapterFusionConfig,
 )
 from .head_management import head_type
-from .heads import MultiHeadOutput, PredictionHead
+from .heads import (
+    ClassificationHead,
+    MaskedLMHead,
+    MultiHeadOutput,
+    MultiLabelClassificationHead,
+    MultipleChoiceHead,
+    PredictionHead,
+    QuestionAnsweringHead,
+    TaggingHead,
+)
 from .init import init
 from .methods.invertible import GLOWCouplingBlock, NICECouplingBlock
 from .model import DebertaV2AdapterModel
@@ -61,6 +70,7 @@ __all__ = [
     "Average",
     "BatchSplit",
     "BnConfig",
+    "ClassificationHead",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
     "ConfigUnion",
@@ -77,7 +87,10 @@ __all__ = [
     "LoRAConfig",
     "LoReftConfig",
     "MAMConfig",
+    "MaskedLMHead",
     "MultiHeadOutput",
+    "MultiLabelClassificationHead",
+    "MultipleChoiceHead",
     "MultiTask",
     "NICECouplingBlock",
     "NoReftConfig",
@@ -86,6 +99,7 @@ __all__ = [
     "PredictionHead",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "QuestionAnsweringHead",
     "ReftConfig",
     "SeqBnConfig",
     "Seq2SeqAdapterTrainer",
@@ -93,6 +107,7 @@ __all__ = [
     "Split",
     "Stack",
     "StaticAdapterFusionConfig",
+    "TaggingHead",
     "UniPELTConfig",
     "VeraConfig",
     "head_type",

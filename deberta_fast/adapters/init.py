@@ -56,7 +56,8 @@ class AdapterInitMixin:
         """Make the base model hold adapters and build those named in ``adapters_config`` (an AdapterRegistry, a
         dict in config.json's "adapters" form, or None), with their fusions. ``add_prefix_tuning_pool=False``
         requires the base model to have a prefix-tuning pool already (it is shared, not replaced). Called once
-        by the model constructors (and by ``init``); a second call with the same registry changes nothing."""
+        by the model constructors (and by ``init``); a second call with the same registry changes nothing, and a
+        model that has adapters already refuses another registry."""
         base = self.base_model
         if not add_prefix_tuning_pool and not hasattr(base, "prefix_tuning"):
             raise ValueError("init_adapters(add_prefix_tuning_pool=False): the base model has no prefix-tuning pool "
@@ -64,14 +65,23 @@ class AdapterInitMixin:
         registry = adapters_config if isinstance(adapters_config, AdapterRegistry) else \
             AdapterRegistry.from_dict(adapters_config)
         registry.model_config = model_config
-        already = getattr(self, "adapters_config", None) is registry
+        previous = getattr(self, "adapters_config", None)
+        if previous is registry:
+            return
+        if previous is not None and previous.adapters:
+            raise ValueError(f"init_adapters: the model already has adapters {list(previous)}; init_adapters builds "
+                             "a model's adapters once (use add_adapter / load_adapter to add more)")
         self.adapters_config = registry
         if not hasattr(self, "model_frozen"):
             self.model_frozen = False
         inject_adapter_layers(base, registry)
+        # modules injected earlier (with another, empty registry) now read this one
+        base.__dict__["_adapter_registry"] = registry
+        for module in base.modules():
+            if "_registry" in module.__dict__:
+                object.__setattr__(module, "_registry", registry)
+        registry.shared_parameters = base.shared_parameters
         set_adapter_owner(base, self)
-        if already:
-            return
         for name in registry:
             reasons = unsupported_reasons(registry.get(name))
             if reasons:
