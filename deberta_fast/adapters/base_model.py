@@ -24,14 +24,44 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 from ..models import DebertaV2Model
 from ..models.base import validate_model_inputs
 from .base_model_api import BaseModelAdapterAPI
-from .context import AdapterSetup, ForwardContext
+from .context import AdapterSetup, ForwardContext, snapshot_contexts
 from .prompt_tuning import insert_prompt_mask, prompt_pair_mask
 
 __all__ = ["DebertaV2LayerWithAdapters", "DebertaV2ModelWithAdapters"]
 
 
 class DebertaV2LayerWithAdapters(hf.DebertaV2Layer):
-    """transformers' layer; ReFT interventions (``reft_layer``) act on its output."""
+    """transformers' layer; ReFT interventions (``reft_layer``) act on its output. Under gradient checkpointing
+    the recomputation runs inside the adapter contexts of the forward pass that checkpointed it (AdapterHub passes
+    a ``context_fn`` for the same purpose; wrapping the function also covers ``use_reentrant=True``)."""
+
+    @property
+    def _gradient_checkpointing_func(self):
+        checkpoint = self.__dict__.get("_checkpoint_func")
+        if checkpoint is None:
+            raise AttributeError("_gradient_checkpointing_func")
+
+        def with_contexts(function, *args, **kwargs):
+            context = ForwardContext.get_context()
+            reentrant = getattr(checkpoint, "keywords", {}).get("use_reentrant", kwargs.get("use_reentrant"))
+            if reentrant and context is not None and context.prefix_states:
+                # the prefixes are computed once per pass, outside the layers; reentrant recomputation would
+                # backpropagate through their graph once per layer
+                raise ValueError("gradient checkpointing with use_reentrant=True cannot run prefix tuning; enable it "
+                                 "with gradient_checkpointing_kwargs={'use_reentrant': False} (as AdapterHub needs)")
+            restored = snapshot_contexts()
+
+            def run(*inner_args, **inner_kwargs):
+                with restored():
+                    return function(*inner_args, **inner_kwargs)
+
+            return checkpoint(run, *args, **kwargs)
+
+        return with_contexts
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, function):
+        self.__dict__["_checkpoint_func"] = function
 
     def forward(self, hidden_states, attention_mask, query_states=None, relative_pos=None, rel_embeddings=None,
                 output_attentions: bool = False):
@@ -122,6 +152,7 @@ class DebertaV2ModelWithAdapters(BaseModelAdapterAPI, DebertaV2Model):
             attention_mask = insert_prompt_mask(attention_mask, prompt.prompt_length)
             if attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
                 context.attention_pair_mask = prompt_pair_mask(attention_mask, prompt.prompt_length)
+        self.prefix_tuning.fill_context(context, embedding_output.shape[0])
         encoder_outputs = self.encoder(embedding_output, attention_mask, output_hidden_states=output_hidden_states,
                                        output_attentions=output_attentions, return_dict=True)
         if not return_dict:

@@ -148,6 +148,17 @@ class PrefixTuningPool(nn.Module):
         self.prefix_tunings = nn.ModuleDict()
         self._counts: dict = {}
 
+    def fill_context(self, context, batch: int) -> None:
+        """Compute the prefixes of the setup's prefix adapters for ``batch`` rows into ``context.prefix_states``
+        before the encoder runs, so that the layers only read them: a layer recomputed by gradient checkpointing
+        then builds the same graph as in the forward pass, and the prefix generators stay outside the checkpoint."""
+        setup = context.adapter_setup
+        if setup is None:
+            return
+        for name in sorted(setup.flatten()):
+            if name in self.prefix_tunings and name not in context.prefix_states:
+                context.prefix_states[name] = (batch, self.prefix_tunings[name](batch))
+
     def indicate_prefix(self, name: str, location_key: str, **kwargs) -> int:
         locations = self._counts.setdefault(name, {})
         entry = locations.setdefault(location_key, {"count": 0, **kwargs})
