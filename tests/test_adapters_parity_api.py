@@ -31,6 +31,7 @@ from deberta_fast.adapters import (
     ClassificationHead,
     ForwardContext,
     Fuse,
+    MultiTask,
     PredictionHead,
     Stack,
     head_type,
@@ -465,3 +466,32 @@ def test_init_weights_seed_gives_equal_weights(config):
     different = [k for k in keys if "bias" not in k and not torch.equal(params_1[k],
                                                                        dict(unseeded.named_parameters())[k])]
     assert different
+
+
+# ---- prefix tuning under MultiTask ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lengths", [(3, 3), (3, 5)])
+def test_prefix_tuning_multitask_routes_rows_to_their_task(lengths):
+    model = tiny_model()
+    for name, length in zip(("p", "q"), lengths):
+        model.add_adapter(name, config=f"prefix_tuning[prefix_length={length}]")
+        randomize_adapter_(model, name, seed=ord(name))
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(1, 97, (4, 8), generator=generator),
+              "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    inputs["attention_mask"][2, 6:] = 0
+    tasks = [1, 0, 0, 1]
+    model.set_active_adapters(MultiTask("p", "q"))
+    with torch.no_grad():
+        routed = model(**inputs, task_ids=tasks).last_hidden_state
+        named = model(**inputs, task_ids=["q", "p", "p", "q"]).last_hidden_state
+        assert torch.equal(routed, named)
+        for row, task in enumerate(tasks):
+            alone = {k: v[row:row + 1] for k, v in inputs.items()}
+            model.set_active_adapters(["p", "q"][task])
+            own = model(**alone).last_hidden_state[0]
+            model.set_active_adapters(["p", "q"][1 - task])
+            other = model(**alone).last_hidden_state[0]
+            assert torch.allclose(routed[row], own, atol=1e-5), row
+            assert float((routed[row] - other).abs().max()) > 1e-3, row
