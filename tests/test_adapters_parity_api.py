@@ -495,3 +495,21 @@ def test_prefix_tuning_multitask_routes_rows_to_their_task(lengths):
             other = model(**alone).last_hidden_state[0]
             assert torch.allclose(routed[row], own, atol=1e-5), row
             assert float((routed[row] - other).abs().max()) > 1e-3, row
+
+
+def test_static_model_save_pretrained_loads_as_adapter_model(tmp_path):
+    static = _static_model(DebertaV2ForSequenceClassification)
+    init(static)
+    static.add_adapter("a", config="lora[r=2, attn_matrices=['q','v']]")
+    randomize_adapter_(static, "a", seed=9)
+    static.set_active_adapters("a")
+    static.save_pretrained(str(tmp_path))
+    assert not hasattr(static.config, "adapters")  # written to config.json only
+    flex, info = DebertaV2AdapterModel.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert "a" in flex.adapters_config and "default" in flex.heads
+    inputs = tiny_inputs()
+    with torch.no_grad(), AdapterSetup("a"):
+        expected = static(**inputs).logits
+        converted = flex.eval()(**inputs, head="default").logits
+    assert torch.allclose(converted, expected, atol=1e-5)

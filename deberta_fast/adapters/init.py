@@ -139,6 +139,26 @@ class StaticHeadAdaptersMixin(AdapterInitMixin, AdapterOwnerMixin, EmbeddingsMix
     def _refresh_tied_weights_keys(self) -> None:
         """Static heads tie through transformers' own mechanism."""
 
+    def save_pretrained(self, save_directory, **kwargs):
+        """transformers' save_pretrained with config.json's "adapters" section (AdapterHub's layout), so that
+        DebertaV2AdapterModel.from_pretrained rebuilds the adapters (and the static head as flexible head
+        "default"). Merged LoRAs are saved unmerged and re-merged afterwards."""
+        merged = {layer: layer.merged for layer in self._lora_layers() if layer.merged is not None}
+        for layer in merged:
+            layer.reset_adapter()
+        missing = object()
+        previous = getattr(self.config, "adapters", missing)
+        self.config.adapters = self.adapters_config.to_dict()
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            if previous is missing:
+                delattr(self.config, "adapters")
+            else:
+                self.config.adapters = previous
+            for layer, name in merged.items():
+                layer.merge_adapter(name)
+
     def save_adapter(self, save_directory: str, adapter_name: str, with_head: bool = True, meta_dict: dict = None,
                      custom_weights_loaders=None, use_safetensors: bool = False) -> None:
         """AdapterIOMixin.save_adapter; ``with_head`` also writes the static head (if the model has one)."""
