@@ -171,8 +171,9 @@ class BnConfig(AdapterConfig):
 
     reduction_factor: hidden_size // reduction_factor bottleneck units (a float, or a per-layer mapping
     ``{"0": 8, "default": 16}``). scaling: a float, ``"learned"`` (a trained scalar) or ``"channel"`` (a trained
-    [hidden] vector). ``phm_*``: Compacter's PHM projections (phm.py). ``inv_adapter`` (invertible adapters),
-    ``cross_adapter`` and ``stochastic_depth`` parse but are not run by this version (``supports_adapter`` says so).
+    [hidden] vector). ``phm_*``: Compacter's PHM projections (phm.py). ``inv_adapter``: an invertible adapter ("nice"
+    or "glow") on the embeddings (methods/invertible.py). ``cross_adapter`` and ``stochastic_depth`` parse but are
+    not run by this version (``supports_adapter`` says so).
     """
 
     mh_adapter: bool
@@ -238,7 +239,7 @@ class CompacterPlusPlusConfig(SeqBnConfig):
 
 @dataclass(eq=False)
 class SeqBnInvConfig(SeqBnConfig):
-    """seq_bn plus an invertible NICE adapter on the embeddings (not run by this version)."""
+    """seq_bn plus an invertible NICE adapter on the embeddings."""
 
     inv_adapter: str | None = "nice"
     inv_adapter_reduction_factor: float | None = 2
@@ -271,7 +272,7 @@ class CompacterConfig(DoubleSeqBnConfig):
 
 @dataclass(eq=False)
 class DoubleSeqBnInvConfig(DoubleSeqBnConfig):
-    """double_seq_bn plus an invertible NICE adapter on the embeddings (not run by this version)."""
+    """double_seq_bn plus an invertible NICE adapter on the embeddings."""
 
     inv_adapter: str | None = "nice"
     inv_adapter_reduction_factor: float | None = 2

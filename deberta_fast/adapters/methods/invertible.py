@@ -106,6 +106,8 @@ def _init_bert(module: nn.Module, generator) -> None:
 class InvertibleAdapterLayer(AdapterLayerBase, nn.ModuleDict):
     """``deberta.invertible_adapters``: {adapter name: coupling block} (layer index -1, location "invertible")."""
 
+    adapter_modules_name = "invertible_adapters"
+
     def __init__(self, registry, model_config, get_word_embeddings):
         super().__init__()
         self._init_adapter_layer(registry, -1, "invertible")
