@@ -63,8 +63,8 @@ def test_unknown_config_key_or_method(model, config):
     assert "new" not in model.adapters_config
 
 
-@pytest.mark.parametrize("config", ["seq_bn_inv", "lora[attn_matrices=['o']]", "mtl_lora[use_dora=True]",
-                                    "ia3[use_dora=True]", "vera[vera_d=None]"])
+@pytest.mark.parametrize("config", ["seq_bn_inv[inv_adapter='real_nvp']", "lora[attn_matrices=['o']]",
+                                    "mtl_lora[use_dora=True]", "ia3[use_dora=True]", "vera[vera_d=None]"])
 def test_methods_not_run_by_this_version_raise(model, config):
     with pytest.raises(ValueError, match="not supported by this model"):
         model.add_adapter("new", config=config)

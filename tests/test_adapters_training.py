@@ -187,7 +187,7 @@ def test_get_adapter_iter_layers_and_apply():
                                                       (0, "output_adapter"), (0, "output_lora"), (0, "output_reft")]
     visited = []
     model.apply_to_basemodel_childs(lambda i, child: visited.append((i, child.adapter_modules_name)))
-    assert visited == [(-1, "prompt_tunings")]
+    assert visited == [(-1, "prompt_tunings"), (-1, "invertible_adapters")]
     assert model.adapter_summary(as_dict=True)[0]["architecture"] == "union"
 
 

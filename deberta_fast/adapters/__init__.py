@@ -45,7 +45,19 @@ from .fusion import (
     DynamicAdapterFusionConfig,
     StaticAdapterFusionConfig,
 )
-from .heads import MultiHeadOutput
+from .head_management import head_type
+from .heads import (
+    ClassificationHead,
+    MaskedLMHead,
+    MultiHeadOutput,
+    MultiLabelClassificationHead,
+    MultipleChoiceHead,
+    PredictionHead,
+    QuestionAnsweringHead,
+    TaggingHead,
+)
+from .init import init
+from .methods.invertible import GLOWCouplingBlock, NICECouplingBlock
 from .model import DebertaV2AdapterModel
 
 __all__ = [
@@ -55,9 +67,12 @@ __all__ = [
     "AdapterConfig",
     "AdapterFusionConfig",
     "AdapterSetup",
+    "AdapterTrainer",
+    "AdapterTrainerCallback",
     "Average",
     "BatchSplit",
     "BnConfig",
+    "ClassificationHead",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
     "ConfigUnion",
@@ -70,25 +85,47 @@ __all__ = [
     "DynamicAdapterFusionConfig",
     "ForwardContext",
     "Fuse",
+    "GLOWCouplingBlock",
     "IA3Config",
     "LoRAConfig",
     "LoReftConfig",
     "MAMConfig",
     "MTLLoRAConfig",
+    "MaskedLMHead",
     "MultiHeadOutput",
+    "MultiLabelClassificationHead",
+    "MultipleChoiceHead",
     "MultiTask",
+    "NICECouplingBlock",
     "NoReftConfig",
     "ParBnConfig",
     "Parallel",
+    "PredictionHead",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "QuestionAnsweringHead",
     "ReftConfig",
     "SeqBnConfig",
+    "Seq2SeqAdapterTrainer",
     "SeqBnInvConfig",
     "Split",
     "Stack",
     "StaticAdapterFusionConfig",
+    "TaggingHead",
     "UniPELTConfig",
     "VeraConfig",
+    "head_type",
+    "init",
     "parse_composition",
 ]
+
+# The trainers import transformers' Trainer (and accelerate): loaded on first use only.
+_TRAINER_NAMES = ("AdapterTrainer", "AdapterTrainerCallback", "Seq2SeqAdapterTrainer")
+
+
+def __getattr__(name):
+    if name in _TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

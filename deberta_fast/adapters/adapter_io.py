@@ -441,13 +441,19 @@ class AdapterIOMixin:
     def load_head(self, save_directory: str, load_as: str = None, id2label=None, use_safetensors: bool = False,
                   **kwargs) -> str:
         """Load a head saved by ``save_head`` (or with an adapter); returns its name. The head becomes active
-        unless ``set_active=False`` is passed."""
+        unless ``set_active=False`` is passed. A ``loading_info`` dict gets "missing_keys" / "unexpected_keys"
+        lists (AdapterHub's); they stay empty, as a mismatch raises ValueError here."""
         set_active = kwargs.pop("set_active", True)
+        loading_info = kwargs.pop("loading_info", None)
         if kwargs:
             raise TypeError(f"load_head got unexpected keyword arguments {sorted(kwargs)}")
-        return self._load_head_dir(save_directory, load_as=load_as, id2label=id2label,
+        name = self._load_head_dir(save_directory, load_as=load_as, id2label=id2label,
                                    use_safetensors=use_safetensors, set_active=set_active, main_load_name=None,
                                    required=True)
+        if isinstance(loading_info, dict):
+            loading_info.setdefault("missing_keys", [])
+            loading_info.setdefault("unexpected_keys", [])
+        return name
 
     def _load_head_dir(self, directory, load_as, id2label, use_safetensors, set_active, main_load_name, required):
         weights_path = files.weights_file(directory, files.HEAD_WEIGHTS_NAME, files.SAFE_HEAD_WEIGHTS_NAME,

@@ -2,6 +2,7 @@
 
 ``DebertaV2ModelWithAdapters`` is deberta_fast's DebertaV2Model (same modules and keys) plus
 
+- ``invertible_adapters`` (methods/invertible.py, applied to the embedding output before a prompt is inserted),
 - ``prefix_tuning`` (PrefixTuningPool), ``prompt_tuning`` (PromptTuningLayer) and ``shared_parameters``
   (ModuleDict {adapter: ParameterDict}, e.g. Compacter's shared PHM rule), under AdapterHub's key names;
 - a forward that (1) joins the adapter model's ForwardContext or opens one, (2) for a Parallel setup replicates the
@@ -22,14 +23,45 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 from ..models import DebertaV2Model
 from ..models.base import validate_model_inputs
-from .context import AdapterSetup, ForwardContext
+from .base_model_api import BaseModelAdapterAPI
+from .context import AdapterSetup, ForwardContext, snapshot_contexts
 from .prompt_tuning import insert_prompt_mask, prompt_pair_mask
 
 __all__ = ["DebertaV2LayerWithAdapters", "DebertaV2ModelWithAdapters"]
 
 
 class DebertaV2LayerWithAdapters(hf.DebertaV2Layer):
-    """transformers' layer; ReFT interventions (``reft_layer``) act on its output."""
+    """transformers' layer; ReFT interventions (``reft_layer``) act on its output. Under gradient checkpointing
+    the recomputation runs inside the adapter contexts of the forward pass that checkpointed it (AdapterHub passes
+    a ``context_fn`` for the same purpose; wrapping the function also covers ``use_reentrant=True``)."""
+
+    @property
+    def _gradient_checkpointing_func(self):
+        checkpoint = self.__dict__.get("_checkpoint_func")
+        if checkpoint is None:
+            raise AttributeError("_gradient_checkpointing_func")
+
+        def with_contexts(function, *args, **kwargs):
+            context = ForwardContext.get_context()
+            reentrant = getattr(checkpoint, "keywords", {}).get("use_reentrant", kwargs.get("use_reentrant"))
+            if reentrant and context is not None and context.prefix_states:
+                # the prefixes are computed once per pass, outside the layers; reentrant recomputation would
+                # backpropagate through their graph once per layer
+                raise ValueError("gradient checkpointing with use_reentrant=True cannot run prefix tuning; enable it "
+                                 "with gradient_checkpointing_kwargs={'use_reentrant': False} (as AdapterHub needs)")
+            restored = snapshot_contexts()
+
+            def run(*inner_args, **inner_kwargs):
+                with restored():
+                    return function(*inner_args, **inner_kwargs)
+
+            return checkpoint(run, *args, **kwargs)
+
+        return with_contexts
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, function):
+        self.__dict__["_checkpoint_func"] = function
 
     def forward(self, hidden_states, attention_mask, query_states=None, relative_pos=None, rel_embeddings=None,
                 output_attentions: bool = False):
@@ -45,9 +77,10 @@ def _repeat_rows(tensor: torch.Tensor | None, channels: int) -> torch.Tensor | N
     return tensor.repeat(channels, *([1] * (tensor.dim() - 1)))
 
 
-class DebertaV2ModelWithAdapters(DebertaV2Model):
+class DebertaV2ModelWithAdapters(BaseModelAdapterAPI, DebertaV2Model):
     """deberta_fast's DebertaV2Model with the model-level adapter steps (module docstring); same arguments and
-    outputs (the batch is [channels · B] under a Parallel setup, the sequence P + L with a prompt)."""
+    outputs (the batch is [channels · B] under a Parallel setup, the sequence P + L with a prompt). It also carries
+    AdapterHub's base-model adapter API, forwarded to the model that owns it (base_model_api.py)."""
 
     @property
     def adapter_registry(self):
@@ -111,12 +144,15 @@ class DebertaV2ModelWithAdapters(DebertaV2Model):
             token_mask = (pairs.sum(-2) > 0).to(attention_mask.dtype)
         embedding_output = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
                                            position_ids=position_ids, mask=token_mask, inputs_embeds=inputs_embeds)
+        if "invertible_adapters" in self._modules:
+            embedding_output = self.invertible_adapters(embedding_output)
         embedding_output, prompt = self.prompt_tuning(embedding_output)
         if prompt is not None:
             context.prompt_tokens_length = prompt.prompt_length
             attention_mask = insert_prompt_mask(attention_mask, prompt.prompt_length)
             if attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
                 context.attention_pair_mask = prompt_pair_mask(attention_mask, prompt.prompt_length)
+        self.prefix_tuning.fill_context(context, embedding_output.shape[0])
         encoder_outputs = self.encoder(embedding_output, attention_mask, output_hidden_states=output_hidden_states,
                                        output_attentions=output_attentions, return_dict=True)
         if not return_dict:
@@ -125,7 +161,8 @@ class DebertaV2ModelWithAdapters(DebertaV2Model):
         return encoder_outputs
 
 
-def attach_model_parts(base_model: nn.Module, registry, pool: nn.Module, prompt: nn.Module) -> None:
+def attach_model_parts(base_model: nn.Module, registry, pool: nn.Module, prompt: nn.Module,
+                       invertible: nn.Module | None = None) -> None:
     """Switch ``base_model`` (deberta_fast's DebertaV2Model) to DebertaV2ModelWithAdapters and attach the model-level
     adapter modules (idempotent)."""
     if not isinstance(base_model, DebertaV2ModelWithAdapters):
@@ -138,6 +175,8 @@ def attach_model_parts(base_model: nn.Module, registry, pool: nn.Module, prompt:
         base_model.prefix_tuning = pool
     if not hasattr(base_model, "prompt_tuning"):
         base_model.prompt_tuning = prompt
+    if invertible is not None and not hasattr(base_model, "invertible_adapters"):
+        base_model.invertible_adapters = invertible
     if not hasattr(base_model, "shared_parameters"):
         base_model.shared_parameters = nn.ModuleDict()
     registry.shared_parameters = base_model.shared_parameters

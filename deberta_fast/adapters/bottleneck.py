@@ -44,6 +44,7 @@ from ..ops.bottleneck import ACTIVATIONS as OP_ACTIVATIONS
 from ..ops.bottleneck import bottleneck_adapter
 from .composition import AdapterCompositionBlock, Average, BatchSplit, Fuse, Parallel, Split, Stack
 from .configuration import BnConfig
+from .errors import MissingLayerEntryError
 from .fusion import AdapterFusionLayer
 from .initialization import seeded_generator
 from .layer_base import AdapterLayerBase, concat_row_labels, row_groups, slice_row_labels
@@ -90,7 +91,7 @@ def bottleneck_size(hidden_size: int, reduction_factor, layer_idx: int) -> int:
         elif "default" in reduction_factor:
             reduction_factor = reduction_factor["default"]
         else:
-            raise ValueError(
+            raise MissingLayerEntryError(
                 f"reduction_factor mapping {dict(reduction_factor)} has no entry for layer {layer_idx} and no "
                 "'default'; give one like {'1': 16, 'default': 16}"
             )
@@ -312,8 +313,9 @@ class BottleneckLayerMixin(AdapterLayerBase):
         config = self._registry.match(name, BnConfig, layer_idx=layer_idx, location_key=self.location_key)
         if config is None:
             return False
-        unsupported = [key for key, off in (("inv_adapter", None), ("cross_adapter", False),
-                                            ("stochastic_depth", 0.0)) if config[key] not in (off, None, 0, False)]
+        # inv_adapter lives on the embeddings (methods/invertible.py), not in the layers
+        unsupported = [key for key, off in (("cross_adapter", False), ("stochastic_depth", 0.0))
+                       if config[key] not in (off, None, 0, False)]
         if unsupported:
             raise NotImplementedError(f"bottleneck options {unsupported} are not implemented in this version of "
                                       "deberta_fast")

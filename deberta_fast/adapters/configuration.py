@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UnknownConfigKeyError
+
 __all__ = [
     "ADAPTER_CONFIG_MAP",
     "DEFAULT_ADAPTER_CONFIG",
@@ -214,7 +216,7 @@ def _check_keys(cls, values: Mapping) -> None:
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
+        raise UnknownConfigKeyError(
             f"unknown config key(s) {unknown} for {cls.__name__}; known keys: {sorted(known - {'architecture'})}"
         )
 
@@ -231,8 +233,9 @@ class BnConfig(AdapterConfig):
 
     reduction_factor: hidden_size // reduction_factor bottleneck units (a float, or a per-layer mapping
     ``{"0": 8, "default": 16}``). scaling: a float, ``"learned"`` (a trained scalar) or ``"channel"`` (a trained
-    [hidden] vector). ``phm_*``: Compacter's PHM projections (phm.py). ``inv_adapter`` (invertible adapters),
-    ``cross_adapter`` and ``stochastic_depth`` parse but are not run by this version (``supports_adapter`` says so).
+    [hidden] vector). ``phm_*``: Compacter's PHM projections (phm.py). ``inv_adapter``: an invertible adapter ("nice"
+    or "glow") on the embeddings (methods/invertible.py). ``cross_adapter`` and ``stochastic_depth`` parse but are
+    not run by this version (``supports_adapter`` says so).
     """
 
     mh_adapter: bool
@@ -298,7 +301,7 @@ class CompacterPlusPlusConfig(SeqBnConfig):
 
 @dataclass(eq=False)
 class SeqBnInvConfig(SeqBnConfig):
-    """seq_bn plus an invertible NICE adapter on the embeddings (not run by this version)."""
+    """seq_bn plus an invertible NICE adapter on the embeddings."""
 
     inv_adapter: str | None = "nice"
     inv_adapter_reduction_factor: float | None = 2
@@ -331,7 +334,7 @@ class CompacterConfig(DoubleSeqBnConfig):
 
 @dataclass(eq=False)
 class DoubleSeqBnInvConfig(DoubleSeqBnConfig):
-    """double_seq_bn plus an invertible NICE adapter on the embeddings (not run by this version)."""
+    """double_seq_bn plus an invertible NICE adapter on the embeddings."""
 
     inv_adapter: str | None = "nice"
     inv_adapter_reduction_factor: float | None = 2
@@ -611,7 +614,7 @@ class ConfigUnion(AdapterConfig):
     def replace(self, **changes) -> ConfigUnion:
         unknown = sorted(k for k in changes if not any(k in c.__dict__ for c in self.configs))
         if unknown:
-            raise ValueError(f"unknown config key(s) {unknown} for every member of {self!r}")
+            raise UnknownConfigKeyError(f"unknown config key(s) {unknown} for every member of {self!r}")
         return ConfigUnion(*[c.replace(**{k: v for k, v in changes.items() if k in c.__dict__}) for c in self.configs])
 
     @classmethod

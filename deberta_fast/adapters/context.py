@@ -10,6 +10,7 @@ task ids, gating scores and fusion attentions to return).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 from .composition import AdapterCompositionBlock, parse_composition, parse_heads_from_composition
 
-__all__ = ["AdapterSetup", "ForwardContext", "active_setup_for"]
+__all__ = ["AdapterSetup", "ForwardContext", "active_setup_for", "snapshot_contexts"]
 
 _setups: contextvars.ContextVar[tuple] = contextvars.ContextVar("deberta_fast_adapter_setups", default=())
 _forwards: contextvars.ContextVar[tuple] = contextvars.ContextVar("deberta_fast_forward_contexts", default=())
@@ -114,6 +115,23 @@ class ForwardContext:
         """The innermost context of the model that owns ``registry`` (None outside its forward)."""
         context = cls.get_context()
         return context if context is not None and context.registry is registry else None
+
+
+def snapshot_contexts():
+    """A context manager factory that re-enters the AdapterSetup and ForwardContext stacks active now (gradient
+    checkpointing recomputes a layer during backward, outside the forward pass whose context it needs)."""
+    setups, forwards = _setups.get(), _forwards.get()
+
+    @contextlib.contextmanager
+    def restored():
+        setup_token, forward_token = _setups.set(setups), _forwards.set(forwards)
+        try:
+            yield
+        finally:
+            _forwards.reset(forward_token)
+            _setups.reset(setup_token)
+
+    return restored
 
 
 def active_setup_for(registry, layer_idx: int, names) -> AdapterCompositionBlock | None:

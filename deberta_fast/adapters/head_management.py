@@ -8,6 +8,7 @@ not share heads.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import torch
@@ -17,6 +18,7 @@ from transformers.utils import ModelOutput
 from .composition import AdapterCompositionBlock, BatchSplit, Parallel, parse_heads_from_composition
 from .configuration import adapter_config_hash
 from .context import AdapterSetup, ForwardContext
+from .errors import UnknownHeadTypeError
 from .heads import (
     HEAD_TYPES,
     UNSUPPORTED_HEAD_TYPES,
@@ -32,16 +34,34 @@ from .heads import (
 
 logger = logging.getLogger("deberta_fast")
 
-__all__ = ["FlexibleHeadsMixin", "HEAD_KWARGS"]
+__all__ = ["FlexibleHeadsMixin", "HEAD_KWARGS", "head_type"]
 
 # Keyword arguments of forward() that belong to the heads (anything else is a TypeError).
 HEAD_KWARGS = {"labels", "start_positions", "end_positions", "get_cls_from_eos_tokens", "eos_mask", "pooled_output"}
+
+
+def head_type(head_type_str: str):
+    """Decorator of a model method that adds a head of type ``head_type_str``: the call raises AdapterHub's
+    ValueError when the model's ``head_types`` do not include it."""
+
+    def decorator(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            if head_type_str not in self.head_types:
+                raise ValueError(f"This model of type '{self.config.model_type}' does not support head type "
+                                 f"'{head_type_str}'.")
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
 
 
 class FlexibleHeadsMixin:
     """Head management for a model with ``heads`` (nn.ModuleDict) and ``deberta`` (the base model)."""
 
     head_types = list(HEAD_TYPES)
+    head_type = staticmethod(head_type)
 
     def _init_head_state(self) -> None:
         self.heads = nn.ModuleDict()
@@ -145,41 +165,50 @@ class FlexibleHeadsMixin:
         raise ValueError(f"Given head type '{head_type}' is not known; supported: {self.head_types} and registered "
                          f"custom heads {sorted(self.custom_heads)}")
 
+    @head_type("classification")
     def add_classification_head(self, head_name, num_labels=2, layers=2, activation_function="tanh",
                                 overwrite_ok=False, multilabel=False, id2label=None, use_pooler=False):
         cls = MultiLabelClassificationHead if multilabel else ClassificationHead
         head = cls(self.config, head_name, num_labels, layers, activation_function, id2label, use_pooler)
         self.add_prediction_head(head, overwrite_ok)
 
+    @head_type("multiple_choice")
     def add_multiple_choice_head(self, head_name, num_choices=2, layers=2, activation_function="tanh",
                                  overwrite_ok=False, id2label=None, use_pooler=False):
         head = MultipleChoiceHead(self.config, head_name, num_choices, layers, activation_function, id2label,
                                   use_pooler)
         self.add_prediction_head(head, overwrite_ok)
 
+    @head_type("tagging")
     def add_tagging_head(self, head_name, num_labels=2, layers=1, activation_function="tanh", overwrite_ok=False,
                          id2label=None):
         head = TaggingHead(self.config, head_name, num_labels, layers, activation_function, id2label)
         self.add_prediction_head(head, overwrite_ok)
 
+    @head_type("question_answering")
     def add_qa_head(self, head_name, num_labels=2, layers=1, activation_function="tanh", overwrite_ok=False,
                     id2label=None):
         head = QuestionAnsweringHead(self.config, head_name, num_labels, layers, activation_function, id2label)
         self.add_prediction_head(head, overwrite_ok)
 
+    @head_type("masked_lm")
     def add_masked_lm_head(self, head_name, activation_function="gelu", layers=2, overwrite_ok=False):
         head = MaskedLMHead(self.config, head_name, layers=layers, activation_function=activation_function)
         self.add_prediction_head(head, overwrite_ok=overwrite_ok)
 
+    @head_type("causal_lm")
     def add_causal_lm_head(self, head_name, activation_function="gelu", layers=2, overwrite_ok=False):
         self._unsupported_head("causal_lm")
 
+    @head_type("seq2seq_lm")
     def add_seq2seq_lm_head(self, head_name, layers=1, overwrite_ok=False):
         self._unsupported_head("seq2seq_lm")
 
+    @head_type("dependency_parsing")
     def add_dependency_parsing_head(self, head_name, num_labels=2, overwrite_ok=False, id2label=None):
         self._unsupported_head("dependency_parsing")
 
+    @head_type("image_classification")
     def add_image_classification_head(self, head_name, num_labels=2, layers=1, activation_function="tanh",
                                       overwrite_ok=False, multilabel=False, id2label=None, use_pooler=False):
         self._unsupported_head("image_classification")
@@ -189,8 +218,11 @@ class FlexibleHeadsMixin:
         self.custom_heads[identifier] = head
 
     def add_custom_head(self, head_type, head_name, overwrite_ok=False, set_active=True, **kwargs):
+        """Add head ``head_name`` built by the class registered as ``head_type``: ``cls(model, head_name,
+        **kwargs)`` (AdapterHub's signature; deberta_fast's built-in head classes accept it too)."""
         if head_type not in self.custom_heads:
-            raise ValueError(f"head type {head_type!r} is not registered; call register_custom_head first")
+            raise UnknownHeadTypeError(f"head type {head_type!r} is not registered as a custom head; call "
+                                       f"register_custom_head first (registered: {sorted(self.custom_heads)})")
         head = self.custom_heads[head_type](self, head_name, **kwargs)
         head.config.setdefault("head_type", head_type)
         self.add_prediction_head(head, overwrite_ok, set_active=set_active)
@@ -332,6 +364,10 @@ class FlexibleHeadsMixin:
         context = context if context is not None else ForwardContext.for_registry(self.adapters_config)
         if context is not None and context.prompt_tokens_length:
             kwargs["prompt_tokens_length"] = context.prompt_tokens_length
+        invertible = getattr(self.base_model, "invertible_adapters", None)
+        block = invertible.first_active() if invertible is not None else None
+        if block is not None:
+            kwargs["invertible_adapter"] = block
         channels = 1
         if context is not None and context.adapter_setup is not None and context.adapters_parallelized:
             channels = context.adapter_setup.parallel_channels

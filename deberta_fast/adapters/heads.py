@@ -91,7 +91,12 @@ class PredictionHead(nn.Sequential):
             return model_config.hidden_dropout_prob
         return 0.0
 
-    def build(self, model_config, out_features: int) -> None:
+    def build(self, model, out_features: int | None = None) -> None:
+        """Add the layers (AdapterHub's layout) from ``self.config`` ("layers", "activation_function", "bias",
+        "dropout_prob"). ``model``: the model (AdapterHub's signature; its training mode is copied) or its config.
+        ``out_features`` defaults, as in AdapterHub, to config "num_labels", else 1 with "num_choices", else
+        hidden_size followed by the activation."""
+        model_config = model_config_of(model)
         hidden = model_config.hidden_size
         layers = []
         p = self._dropout_prob(model_config)
@@ -101,11 +106,20 @@ class PredictionHead(nn.Sequential):
                 layers.append(nn.Linear(hidden, hidden))
                 if self.config["activation_function"]:
                     layers.append(Activation(self.config["activation_function"]))
-            else:
-                layers.append(nn.Linear(hidden, out_features, bias=self.config.get("bias", True)))
+                continue
+            if out_features is None and "num_labels" not in self.config and "num_choices" not in self.config:
+                layers.append(nn.Linear(hidden, hidden, bias=self.config.get("bias", True)))
+                if self.config["activation_function"]:
+                    layers.append(Activation(self.config["activation_function"]))
+                continue
+            if out_features is None:
+                out_features = self.config["num_labels"] if "num_labels" in self.config else 1
+            layers.append(nn.Linear(hidden, out_features, bias=self.config.get("bias", True)))
         for index, module in enumerate(layers):
             self.add_module(str(index), module)
         _init_head(self, model_config)
+        if isinstance(model, nn.Module):
+            self.train(model.training)
 
     def get_output_embeddings(self):
         return None
@@ -127,6 +141,11 @@ class PredictionHead(nn.Sequential):
         # use_pooler=True: DeBERTa has no pooler, so the pooled input is the first token too (AdapterHub feeds the
         # whole sequence here and returns per-token logits; see the README's list of differences).
         return hidden[:, 0]
+
+
+def model_config_of(model_or_config):
+    """A head's first constructor argument: the model (AdapterHub's signature) or the model config."""
+    return model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
 
 
 @torch.no_grad()
@@ -155,6 +174,7 @@ class ClassificationHead(PredictionHead):
     def __init__(self, model_config, head_name, num_labels=2, layers=2, activation_function="tanh", id2label=None,
                  use_pooler=False, bias=True, dropout_prob=None):
         super().__init__(head_name)
+        model_config = model_config_of(model_config)
         self.config = {"head_type": self.head_type, "num_labels": num_labels, "layers": layers,
                        "activation_function": activation_function, "label2id": _label2id(num_labels, id2label),
                        "use_pooler": use_pooler, "bias": bias, "dropout_prob": dropout_prob}
@@ -194,6 +214,7 @@ class MultipleChoiceHead(PredictionHead):
     def __init__(self, model_config, head_name, num_choices=2, layers=2, activation_function="tanh", id2label=None,
                  use_pooler=False, dropout_prob=None):
         super().__init__(head_name)
+        model_config = model_config_of(model_config)
         self.config = {"head_type": self.head_type, "num_choices": num_choices, "layers": layers,
                        "activation_function": activation_function, "label2id": _label2id(num_choices, id2label),
                        "use_pooler": use_pooler, "dropout_prob": dropout_prob}
@@ -219,6 +240,7 @@ class TaggingHead(PredictionHead):
     def __init__(self, model_config, head_name, num_labels=2, layers=1, activation_function="tanh", id2label=None,
                  dropout_prob=None):
         super().__init__(head_name)
+        model_config = model_config_of(model_config)
         self.config = {"head_type": self.head_type, "num_labels": num_labels, "layers": layers,
                        "activation_function": activation_function, "label2id": _label2id(num_labels, id2label),
                        "dropout_prob": dropout_prob}
@@ -255,6 +277,7 @@ class QuestionAnsweringHead(PredictionHead):
     def __init__(self, model_config, head_name, num_labels=2, layers=1, activation_function="tanh", id2label=None,
                  dropout_prob=None):
         super().__init__(head_name)
+        model_config = model_config_of(model_config)
         self.config = {"head_type": self.head_type, "num_labels": num_labels, "layers": layers,
                        "activation_function": activation_function, "label2id": _label2id(num_labels, id2label),
                        "dropout_prob": dropout_prob}
@@ -290,6 +313,7 @@ class MaskedLMHead(PredictionHead):
     def __init__(self, model_config, head_name, vocab_size=None, embedding_size=None, layers=2,
                  activation_function="gelu", layer_norm=True, bias=True, shift_labels=False, dropout_prob=None):
         super().__init__(head_name)
+        model_config = model_config_of(model_config)
         if shift_labels:
             raise ValueError("a masked-LM head does not shift labels (shift_labels must be False)")
         self.config = {
@@ -333,6 +357,9 @@ class MaskedLMHead(PredictionHead):
         hidden = outputs[0]
         for index in range(self.decoder_index):
             hidden = self[index](hidden)
+        invertible = kwargs.get("invertible_adapter")
+        if invertible is not None:
+            hidden = invertible(hidden, rev=True)
         logits = self[self.decoder_index](hidden)
         labels = kwargs.get("labels")
         loss = None

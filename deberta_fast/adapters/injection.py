@@ -12,7 +12,8 @@ Per layer i (AdapterHub's placement; state-dict keys in brackets):
   "self_prefix") [``...attention.self.prefix_tuning.prefix_gates.<n>``]
 - the layer -> DebertaV2LayerWithAdapters with ``reft_layer`` (location "output_reft") [``reft_layer.refts.<n>``]
 
-and on the model: ``prefix_tuning`` (the prefix pool), ``prompt_tuning``, ``shared_parameters`` (base_model.py).
+and on the model: ``invertible_adapters``, ``prefix_tuning`` (the prefix pool), ``prompt_tuning``,
+``shared_parameters`` (base_model.py).
 
 ``pos_key_proj`` / ``pos_query_proj`` (share_att_key=False) and ``attention.output.dense`` get no LoRA, as in
 AdapterHub. The relative-position projections with share_att_key=True go through the wrapped q/k projections.
@@ -28,6 +29,7 @@ from .attention import DisentangledSelfAttentionWithAdapters
 from .base_model import DebertaV2LayerWithAdapters, attach_model_parts
 from .bottleneck import BottleneckLayerMixin
 from .lora import LoRALinear
+from .methods.invertible import InvertibleAdapterLayer
 from .prefix_tuning import PrefixTuningLayer, PrefixTuningPool
 from .prompt_tuning import PromptTuningLayer
 from .reft import ReftLayer
@@ -74,7 +76,9 @@ def inject_adapter_layers(base_model: nn.Module, registry) -> None:
     pool = getattr(base_model, "prefix_tuning", None) or PrefixTuningPool(registry)
     prompt = getattr(base_model, "prompt_tuning", None) or PromptTuningLayer(registry, config,
                                                                              base_model.get_input_embeddings)
-    attach_model_parts(base_model, registry, pool, prompt)
+    invertible = getattr(base_model, "invertible_adapters", None) or InvertibleAdapterLayer(
+        registry, config, base_model.get_input_embeddings)
+    attach_model_parts(base_model, registry, pool, prompt, invertible)
     for i, layer in enumerate(base_model.encoder.layer):
         if not isinstance(layer, DebertaV2LayerWithAdapters):
             _switch(layer, hf.DebertaV2Layer, DebertaV2LayerWithAdapters, f"encoder.layer.{i}")

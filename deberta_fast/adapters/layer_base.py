@@ -253,15 +253,19 @@ class AdapterLayerBase:
                  for i, child in enumerate(block)]
         return self.pad_and_concat(parts)
 
-    def compose_multi_task(self, block, state, level: int):
-        """Rows routed to child ``task_ids[row]`` (ints, or child names): a BatchSplit over the rows sorted by task."""
+    def task_ids_of(self, block, state) -> torch.Tensor:
+        """The forward pass's ``task_ids`` as child indices of MultiTask ``block`` ([B] long tensor)."""
         context = self.forward_context()
         task_ids = context.task_ids if context is not None else None
         if task_ids is None:
             raise ValueError("a MultiTask setup needs task_ids: pass task_ids=[...] (one per batch row) to forward()")
         if isinstance(task_ids, (list, tuple)) and task_ids and isinstance(task_ids[0], str):
             task_ids = [block.children.index(task) for task in task_ids]
-        task_ids = torch.as_tensor(task_ids, device=self._device_of(state))
+        return torch.as_tensor(task_ids, device=self._device_of(state))
+
+    def compose_multi_task(self, block, state, level: int):
+        """Rows routed to child ``task_ids[row]`` (ints, or child names): a BatchSplit over the rows sorted by task."""
+        task_ids = self.task_ids_of(block, state)
         order = task_ids.argsort(stable=True)
         sizes = task_ids.bincount(minlength=len(block)).tolist()
         split = BatchSplit(*block.children, batch_sizes=sizes)

@@ -37,7 +37,7 @@ logger = logging.getLogger("deberta_fast")
 __all__ = ["AdapterManagementMixin", "unsupported_reasons"]
 
 # Method types supports_adapter() answers for (AdapterHub's AdapterMethod names).
-_RUNNABLE_TYPES = {"bottleneck", "lora", "prefix_tuning", "prompt_tuning", "reft", "mtl_lora"}
+_RUNNABLE_TYPES = {"bottleneck", "lora", "prefix_tuning", "prompt_tuning", "reft", "mtl_lora", "invertible"}
 _KNOWN_TYPES = {"bottleneck", "lora", "prefix_tuning", "prompt_tuning", "reft", "invertible", "mtl_lora"}
 
 
@@ -60,8 +60,8 @@ def unsupported_reasons(config: AdapterConfig) -> list[str]:
             if unknown:
                 reasons.append(f"attn_matrices {unknown} are not DeBERTa projections (expected a subset of q, k, v)")
         elif isinstance(member, BnConfig):
-            if member.inv_adapter:
-                reasons.append("invertible adapters (inv_adapter) are not implemented")
+            if member.inv_adapter and member.inv_adapter not in ("nice", "glow"):
+                reasons.append(f"unknown inv_adapter {member.inv_adapter!r} (expected 'nice' or 'glow')")
             if member.cross_adapter:
                 reasons.append("cross-attention adapters do not exist in DeBERTa")
             if member.stochastic_depth:
@@ -199,6 +199,9 @@ class AdapterManagementMixin:
         prompt = self.deberta.prompt_tuning.get_adapter(name)
         if prompt is not None:
             destination[-1]["prompt"] = prompt
+        invertible = self.deberta.invertible_adapters.get_adapter(name)
+        if invertible is not None:
+            destination[-1]["invertible"] = invertible
         for i, layer in self.iter_layers():
             for module in layer.modules():
                 if isinstance(module, AdapterLayerBase) and module.get_adapter(name) is not None:

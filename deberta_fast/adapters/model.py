@@ -23,14 +23,16 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 from ..models import DebertaV2Model
 from ..ops.dispatch import log_once
 from .adapter_io import AdapterIOMixin
+from .base_model_api import AdapterOwnerMixin
 from .context import AdapterSetup, ForwardContext
+from .embeddings import EmbeddingsMixin
 from .fusion_management import FusionManagementMixin
 from .head_management import HEAD_KWARGS, FlexibleHeadsMixin
 from .hub import HubMixin
-from .injection import inject_adapter_layers
-from .management import AdapterManagementMixin, unsupported_reasons
+from .init import AdapterInitMixin
+from .management import AdapterManagementMixin
 from .persistence import atomic_directory
-from .registry import AdapterRegistry
+from .setup_io import AdapterSetupIOMixin
 from .static_heads import static_head_conversion
 
 logger = logging.getLogger("deberta_fast")
@@ -44,7 +46,8 @@ _PRETRAINED_FILES = re.compile(r"^(config\.json|generation_config\.json|"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
-class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, FusionManagementMixin, AdapterManagementMixin,
+class DebertaV2AdapterModel(AdapterInitMixin, AdapterOwnerMixin, EmbeddingsMixin, AdapterSetupIOMixin, HubMixin,
+                            AdapterIOMixin, FlexibleHeadsMixin, FusionManagementMixin, AdapterManagementMixin,
                             hf.DebertaV2PreTrainedModel):
     """DeBERTa-v2/v3 with adapters (bottleneck, Compacter, LoRA, (IA)³, prefix and prompt tuning, ReFT, unions),
     AdapterFusion, composition blocks and flexible heads, AdapterHub's API (module docstring).
@@ -59,19 +62,10 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
         super().__init__(config)
         self.deberta = DebertaV2Model(config)
         self._init_head_state()
-        self.adapters_config = AdapterRegistry.from_dict(getattr(config, "adapters", None))
-        self.adapters_config.model_config = config
         self.model_frozen = False
         self.post_init()
         # Injected after post_init so that transformers' weight initialisation never touches the wrappers.
-        inject_adapter_layers(self.deberta, self.adapters_config)
-        for name in self.adapters_config:
-            reasons = unsupported_reasons(self.adapters_config.get(name))
-            if reasons:
-                raise ValueError(f"config.adapters: adapter {name!r} cannot be built: " + "; ".join(reasons))
-            self._add_adapter_weights(name)
-        for fusion_name in self.adapters_config.fusions:
-            self.apply_to_adapter_layers(lambda i, layer, fusion=fusion_name: layer.add_fusion_layer(fusion))
+        self.init_adapters(config, getattr(config, "adapters", None))
         heads = dict(getattr(config, "prediction_heads", None) or {})
         if _flex_head_from_static is not None:
             name, head_config = _flex_head_from_static
@@ -121,7 +115,9 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
             head_config, renames = conversion
             kwargs["key_mapping"] = {**renames, **(kwargs.get("key_mapping") or {})}
             kwargs["_flex_head_from_static"] = ("default", head_config)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # output_loading_info=True gives (model, {"missing_keys": ..., "unexpected_keys": ..., ...})
+        model = result[0] if isinstance(result, tuple) else result
         if conversion is not None:
             # The renames are a one-way conversion: saving must write the flex-head keys, not revert them.
             targets = set(conversion[1].values())
@@ -129,7 +125,7 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
                 c for c in (getattr(model, "_weight_conversions", None) or [])
                 if not set(getattr(c, "target_patterns", [])) & targets
             ] or None
-        return model
+        return result
 
     def save_pretrained(self, save_directory, **kwargs):
         """transformers' save_pretrained with config.json's "adapters" and "prediction_heads" sections (AdapterHub's
@@ -216,6 +212,7 @@ class DebertaV2AdapterModel(HubMixin, AdapterIOMixin, FlexibleHeadsMixin, Fusion
             adapter_input_parallelized=bool(adapter_input_parallelized),
             task_ids=task_ids,
         )
+        self.forward_context(context)
         with context:
             outputs = self.deberta(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                    position_ids=position_ids, inputs_embeds=inputs_embeds,

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .initialization import seeded_init
+
 __all__ = ["PHMLayer", "phm_matrix", "shared_phm_parameters"]
 
 
@@ -86,7 +88,8 @@ class PHMLayer(nn.Module):
             self.b = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("b", None)
-        self._initialize(config)
+        with seeded_init(config["init_weights_seed"], factory.get("device")):
+            self._initialize(config)
 
     @torch.no_grad()
     def _initialize(self, config) -> None:
@@ -152,10 +155,15 @@ class PHMLayer(nn.Module):
 def shared_phm_parameters(config, hidden_size: int, down_size: int, device=None, dtype=None) -> nn.ParameterDict:
     """The ``shared_parameters.<adapter>`` entries of a PHM adapter: its rule (shared_phm_rule) and/or W
     (shared_W_phm) for the down [hidden -> down] and up [down -> hidden] projections."""
-    n, rank = config["phm_dim"], config["phm_rank"]
     factory = dict(device=device, dtype=dtype)
-    parameters = nn.ParameterDict()
     meta = torch.device(device or "cpu").type == "meta"
+    with seeded_init(None if meta else config["init_weights_seed"], device):
+        return _shared_phm_parameters(config, hidden_size, down_size, factory, meta)
+
+
+def _shared_phm_parameters(config, hidden_size: int, down_size: int, factory: dict, meta: bool) -> nn.ParameterDict:
+    n, rank = config["phm_dim"], config["phm_rank"]
+    parameters = nn.ParameterDict()
     if config["shared_W_phm"]:
         _check_divisible(hidden_size, n, "hidden_size", "shared PHM weights need hidden_size % phm_dim == 0")
         _check_divisible(down_size, n, "bottleneck size", "shared PHM weights need a bottleneck divisible by phm_dim")

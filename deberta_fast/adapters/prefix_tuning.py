@@ -148,6 +148,17 @@ class PrefixTuningPool(nn.Module):
         self.prefix_tunings = nn.ModuleDict()
         self._counts: dict = {}
 
+    def fill_context(self, context, batch: int) -> None:
+        """Compute the prefixes of the setup's prefix adapters for ``batch`` rows into ``context.prefix_states``
+        before the encoder runs, so that the layers only read them: a layer recomputed by gradient checkpointing
+        then builds the same graph as in the forward pass, and the prefix generators stay outside the checkpoint."""
+        setup = context.adapter_setup
+        if setup is None:
+            return
+        for name in sorted(setup.flatten()):
+            if name in self.prefix_tunings and name not in context.prefix_states:
+                context.prefix_states[name] = (batch, self.prefix_tunings[name](batch))
+
     def indicate_prefix(self, name: str, location_key: str, **kwargs) -> int:
         locations = self._counts.setdefault(name, {})
         entry = locations.setdefault(location_key, {"count": 0, **kwargs})
@@ -346,8 +357,7 @@ class PrefixTuningLayer(AdapterLayerBase, nn.Module):
 
     def vslice(self, state: _PrefixState, index) -> _PrefixState:
         if not isinstance(index, slice):
-            raise NotImplementedError("prefix tuning supports Stack, Parallel and BatchSplit (as in AdapterHub), "
-                                      "not MultiTask")
+            raise NotImplementedError("prefix tuning slices the batch into row ranges only")
         begin, end = state.start + index.start, state.start + index.stop
         segments = []
         for start, stop, key, value in state.segments:
@@ -375,3 +385,17 @@ class PrefixTuningLayer(AdapterLayerBase, nn.Module):
 
     def mean(self, states: list, weights: list):
         raise NotImplementedError("Average composition is not supported by prefix tuning (as in AdapterHub)")
+
+    def compose_multi_task(self, block, state: _PrefixState, level: int) -> _PrefixState:
+        """Each run of consecutive rows with one task gets that task's child (AdapterHub's MultiTask result; rows
+        stay in place, as the prefix segments are row ranges)."""
+        task_ids = self.task_ids_of(block, state).tolist()
+        if len(task_ids) != self._bsz(state):
+            raise ValueError(f"task_ids has {len(task_ids)} entries for a batch of {self._bsz(state)} rows")
+        parts, start = [], 0
+        for stop in range(1, len(task_ids) + 1):
+            if stop == len(task_ids) or task_ids[stop] != task_ids[start]:
+                child = block.children[task_ids[start]]
+                parts.append(self.compose_branch(block, child, self.vslice(state, slice(start, stop)), level))
+                start = stop
+        return self.pad_and_concat(parts)

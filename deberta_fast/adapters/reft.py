@@ -22,6 +22,7 @@ import torch.nn as nn
 from .bottleneck import Activation
 from .configuration import ReftConfig
 from .lora import _torch_dtype
+from .initialization import seeded_init
 from .layer_base import AdapterLayerBase
 
 logger = logging.getLogger("deberta_fast")
@@ -128,8 +129,9 @@ class ReftLayer(AdapterLayerBase, nn.Module):
         config = self._registry.match(name, ReftConfig, layer_idx=layer_idx, location_key=self.location_key)
         if config is None or not (config.layers == "all" or layer_idx in config.layers):
             return False
-        module = ReftModule(self.hidden_size, config, device=self._reference.weight.device,
-                            dtype=self._reference.weight.dtype)
+        device = self._reference.weight.device
+        with seeded_init(None if device.type == "meta" else config.init_weights_seed, device):
+            module = ReftModule(self.hidden_size, config, device=device, dtype=self._reference.weight.dtype)
         module.train(self.training)
         self.refts[name] = module
         return True

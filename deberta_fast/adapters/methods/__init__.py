@@ -1,2 +1,2 @@
-"""Adapter methods, one file per method (DoRA, VeRA, MTL-LoRA so far). They import downward only: layer base,
-registry / context, configuration; the LoRA layer (``..lora``) picks the module a config asks for."""
+"""Adapter methods, one file per method (DoRA, VeRA, MTL-LoRA, invertible adapters so far). They import downward
+only: layer base, registry / context, configuration; the LoRA layer (``..lora``) picks the module a config asks for."""
