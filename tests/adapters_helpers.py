@@ -117,7 +117,7 @@ _SEGMENTS = (".adapters.{}.", ".loras.{}.", ".prefix_tunings.{}.", ".prefix_gate
 def randomize_adapter_(model, name: str, seed: int = 7, scale: float = 0.2) -> None:
     """Draw every parameter of adapter (or fusion) ``name`` from N(0, scale); (IA)³ scale vectors from
     1 + N(0, scale)."""
-    from deberta_fast.adapters.lora import IA3
+    from deberta_fast.adapters.methods.lora import IA3
 
     generator = torch.Generator().manual_seed(seed)
     for key, param in model.named_parameters():

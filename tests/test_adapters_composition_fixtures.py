@@ -33,8 +33,8 @@ from adapters_helpers import (
     needs_fixtures,
     run_like_adapterhub,
 )
-from deberta_fast.adapters import composition
-from deberta_fast.adapters.heads import MultiHeadOutput
+from deberta_fast.adapters.composition import blocks as composition
+from deberta_fast.adapters.heads.prediction import MultiHeadOutput
 
 pytestmark = needs_fixtures
 

@@ -26,7 +26,7 @@ from deberta_fast.adapters import (
     Stack,
     parse_composition,
 )
-from deberta_fast.adapters.composition import parse_heads_from_composition
+from deberta_fast.adapters.composition.blocks import parse_heads_from_composition
 from deberta_fast.adapters.configuration import adapter_config_hash, parse_config_string
 
 # Hashes computed by AdapterHub 1.3.0's own get_adapter_config_hash (run once outside this repository).

@@ -36,7 +36,7 @@ FORMATS = ("bin", "safetensors")
 
 
 def _setup_from_string(text: str):
-    from deberta_fast.adapters import composition
+    from deberta_fast.adapters.composition import blocks as composition
 
     blocks = {name: getattr(composition, name) for name in ("Stack", "Fuse", "Split", "BatchSplit", "Parallel",
                                                              "Average")}

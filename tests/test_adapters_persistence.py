@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from adapters_helpers import randomize_adapter_, tiny_inputs, tiny_model
 from configs import make_config
 from deberta_fast import DebertaV2AdapterModel
-from deberta_fast.adapters import persistence
+from deberta_fast.adapters.persistence import files as persistence
 
 
 def _outputs(model, **kwargs):

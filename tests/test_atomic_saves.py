@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from adapters_helpers import tiny_model
-from deberta_fast.adapters import persistence
+from deberta_fast.adapters.persistence import files as persistence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

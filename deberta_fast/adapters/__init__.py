@@ -1,6 +1,6 @@
 """AdapterHub-compatible adapters and flexible heads for deberta_fast (``DebertaV2AdapterModel``)."""
 
-from .composition import (
+from .composition.blocks import (
     ALLOWED_NESTINGS,
     Average,
     BatchSplit,
@@ -10,6 +10,12 @@ from .composition import (
     Split,
     Stack,
     parse_composition,
+)
+from .composition.fusion import (
+    ADAPTERFUSION_CONFIG_MAP,
+    AdapterFusionConfig,
+    DynamicAdapterFusionConfig,
+    StaticAdapterFusionConfig,
 )
 from .configuration import (
     ADAPTER_CONFIG_MAP,
@@ -39,14 +45,8 @@ from .configuration import (
     VeraConfig,
 )
 from .context import AdapterSetup, ForwardContext
-from .fusion import (
-    ADAPTERFUSION_CONFIG_MAP,
-    AdapterFusionConfig,
-    DynamicAdapterFusionConfig,
-    StaticAdapterFusionConfig,
-)
-from .head_management import head_type
-from .heads import (
+from .heads.management import head_type
+from .heads.prediction import (
     ClassificationHead,
     MaskedLMHead,
     MultiHeadOutput,

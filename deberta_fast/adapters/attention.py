@@ -1,7 +1,7 @@
 """DeBERTa-v2 self-attention with prefix tuning and per-row relative-position tables.
 
 ``DisentangledSelfAttentionWithAdapters`` is deberta_fast's DisentangledSelfAttention (same parameters, same op)
-plus a ``prefix_tuning`` submodule (prefix_tuning.py). Differences from the base class:
+plus a ``prefix_tuning`` submodule (methods/prefix_tuning.py). Differences from the base class:
 
 - Prefix tuning: the prefix keys / values [B, heads, P, d] go in front of the content keys and take part in the
   content score only (zero positional bias), through the op's ``num_prefix_keys``; the [B, L] token mask keeps
@@ -11,7 +11,7 @@ plus a ``prefix_tuning`` submodule (prefix_tuning.py). Differences from the base
 - Relative-position tables: with share_att_key the tables come from query_proj / key_proj, which may carry LoRA /
   (IA)³. When the active setup gives batch rows different adapters there (Parallel, BatchSplit, MultiTask), the
   tables are built per row, [B, heads, 2S, d], which the op accepts; otherwise one [1, heads, 2S, d] table.
-- Prompt tuning over a padded batch: the [B, 1, L, L] pair mask of prompt_tuning.py replaces the token mask.
+- Prompt tuning over a padded batch: the [B, 1, L, L] pair mask of methods/prompt_tuning.py replaces the token mask.
 - q, k and v with plain LoRAs run as one ``lora_qkv`` op (one launch on CUDA) instead of three projections.
 - q, k and v of different batch sizes (a Parallel block replicating its own input outside the model's forward)
   are brought to the largest batch, as AdapterHub does.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..models.attention import DisentangledSelfAttention
 from ..ops import disentangled_attention
 from ..ops.lora_qkv import lora_qkv
-from .lora import LoRALinear
+from .methods.lora import LoRALinear
 
 __all__ = ["DisentangledSelfAttentionWithAdapters"]
 
@@ -85,7 +85,7 @@ class DisentangledSelfAttentionWithAdapters(DisentangledSelfAttention):
         context = self.prefix_tuning.forward_context() if hasattr(self, "prefix_tuning") else None
         if context is not None and context.attention_pair_mask is not None and attention_mask is not None \
                 and attention_mask.dim() == 2:
-            attention_mask = context.attention_pair_mask  # prompt tuning over a padded batch (prompt_tuning.py)
+            attention_mask = context.attention_pair_mask  # prompt tuning over a padded batch (methods/prompt_tuning.py)
         attention_mask = _to_batch(attention_mask, batch)
         pos_key = pos_query = None
         if self.position_spec is not None:

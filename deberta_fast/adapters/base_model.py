@@ -10,7 +10,7 @@
   relative-position tables, the nGiE conv layer and every adapter layer see consistent batches (AdapterHub
   replicates inside the first adapter layer and breaks on the conv layer and on share_att_key LoRA),
   (3) records the first valid position and the number of valid tokens per row (ReFT), (4) inserts the prompt of a
-  prompt-tuning adapter after the embeddings and extends the mask for it (prompt_tuning.py).
+  prompt-tuning adapter after the embeddings and extends the mask for it (methods/prompt_tuning.py).
 
 ``DebertaV2LayerWithAdapters`` is transformers' DebertaV2Layer plus ``reft_layer`` applied to its output.
 """
@@ -25,7 +25,7 @@ from ..models import DebertaV2Model
 from ..models.base import validate_model_inputs
 from .base_model_api import BaseModelAdapterAPI
 from .context import AdapterSetup, ForwardContext, snapshot_contexts
-from .prompt_tuning import insert_prompt_mask, prompt_pair_mask
+from .methods.prompt_tuning import insert_prompt_mask, prompt_pair_mask
 
 __all__ = ["DebertaV2LayerWithAdapters", "DebertaV2ModelWithAdapters"]
 

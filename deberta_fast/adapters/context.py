@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .composition import AdapterCompositionBlock, parse_composition, parse_heads_from_composition
+from .composition.blocks import AdapterCompositionBlock, parse_composition, parse_heads_from_composition
 
 __all__ = ["AdapterSetup", "ForwardContext", "active_setup_for", "snapshot_contexts"]
 

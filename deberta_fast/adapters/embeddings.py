@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn as nn
 
-from . import persistence as files
+from .persistence import files
 
 logger = logging.getLogger("deberta_fast")
 

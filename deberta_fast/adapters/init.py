@@ -11,9 +11,9 @@
 
 The static head stays what it is (``pooler`` / ``classifier``, ``qa_outputs``, ``cls``): ``save_head(dir)``
 writes it in AdapterHub's static-head format (``head_config.json`` names the transformers class, the weights keep
-their transformers keys), which a DebertaV2AdapterModel loads as a flexible head (static_heads.py); ``load_head``
+their transformers keys), which a DebertaV2AdapterModel loads as a flexible head (heads/static.py); ``load_head``
 here reads such a directory, or the directory of a flexible head of the matching type, which is converted back
-(the inverse of static_heads.py's renames). ``save_adapter(..., with_head=True)`` includes the static head, as in
+(the inverse of heads/static.py's renames). ``save_adapter(..., with_head=True)`` includes the static head, as in
 AdapterHub.
 """
 
@@ -29,19 +29,19 @@ import torch.nn as nn
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 from ..models.patch import patch_deberta
-from . import persistence as files
-from .adapter_io import AdapterIOMixin
 from .base_model import DebertaV2ModelWithAdapters
 from .base_model_api import AdapterOwnerMixin, set_adapter_owner
+from .composition.fusion_management import FusionManagementMixin
 from .context import AdapterSetup
 from .embeddings import EmbeddingsMixin
-from .fusion_management import FusionManagementMixin
-from .hub import HubMixin
+from .heads.static import STATIC_HEAD_ARCHITECTURES, static_head_conversion
 from .injection import inject_adapter_layers
 from .management import AdapterManagementMixin, unsupported_reasons
+from .persistence import files
+from .persistence.adapter_io import AdapterIOMixin
+from .persistence.hub import HubMixin
+from .persistence.setup_io import AdapterSetupIOMixin
 from .registry import AdapterRegistry
-from .setup_io import AdapterSetupIOMixin
-from .static_heads import STATIC_HEAD_ARCHITECTURES, static_head_conversion
 
 logger = logging.getLogger("deberta_fast")
 
@@ -247,7 +247,7 @@ class StaticHeadAdaptersMixin(AdapterInitMixin, AdapterOwnerMixin, EmbeddingsMix
         return weight is not None and weight is output.weight and weight is self.get_input_embeddings().weight
 
     def _flex_head_to_static(self, file_config: dict, state: dict, config_path: str) -> dict:
-        """Flexible-head keys -> this class's keys (static_heads.py's conversion run backwards); the flexible
+        """Flexible-head keys -> this class's keys (heads/static.py's conversion run backwards); the flexible
         head's type, layer count, label count and (with a hidden layer) activation must be the static head's."""
         architecture = _static_architecture(self)
         head_config = dict(file_config.get("config") or {})

@@ -27,12 +27,12 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 from ..models.attention import DisentangledSelfAttention
 from .attention import DisentangledSelfAttentionWithAdapters
 from .base_model import DebertaV2LayerWithAdapters, attach_model_parts
-from .bottleneck import BottleneckLayerMixin
-from .lora import LoRALinear
+from .methods.bottleneck import BottleneckLayerMixin
 from .methods.invertible import InvertibleAdapterLayer
-from .prefix_tuning import PrefixTuningLayer, PrefixTuningPool
-from .prompt_tuning import PromptTuningLayer
-from .reft import ReftLayer
+from .methods.lora import LoRALinear
+from .methods.prefix_tuning import PrefixTuningLayer, PrefixTuningPool
+from .methods.prompt_tuning import PromptTuningLayer
+from .methods.reft import ReftLayer
 
 __all__ = ["DebertaV2OutputWithAdapters", "DebertaV2SelfOutputWithAdapters", "inject_adapter_layers"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .composition import (
+from .composition.blocks import (
     ALLOWED_NESTINGS,
     AdapterCompositionBlock,
     Average,

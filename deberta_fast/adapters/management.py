@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import torch.nn as nn
 
-from .composition import MultiTask, Stack, parse_composition
+from .composition.blocks import MultiTask, Stack, parse_composition
 from .configuration import (
     AdapterConfig,
     BnConfig,
@@ -25,11 +25,11 @@ from .configuration import (
     ReftConfig,
     adapter_config_hash,
 )
-from .bottleneck import bottleneck_size
 from .layer_base import AdapterLayerBase
-from .lora import LoRALinear
+from .methods.bottleneck import bottleneck_size
+from .methods.lora import LoRALinear
+from .methods.phm import shared_phm_parameters
 from .methods.vera import is_vera, shared_vera_parameters
-from .phm import shared_phm_parameters
 from .summary import format_summary
 
 logger = logging.getLogger("deberta_fast")

@@ -22,18 +22,18 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 from ..models import DebertaV2Model
 from ..ops.dispatch import log_once
-from .adapter_io import AdapterIOMixin
 from .base_model_api import AdapterOwnerMixin
+from .composition.fusion_management import FusionManagementMixin
 from .context import AdapterSetup, ForwardContext
 from .embeddings import EmbeddingsMixin
-from .fusion_management import FusionManagementMixin
-from .head_management import HEAD_KWARGS, FlexibleHeadsMixin
-from .hub import HubMixin
+from .heads.management import HEAD_KWARGS, FlexibleHeadsMixin
+from .heads.static import static_head_conversion
 from .init import AdapterInitMixin
 from .management import AdapterManagementMixin
-from .persistence import atomic_directory
-from .setup_io import AdapterSetupIOMixin
-from .static_heads import static_head_conversion
+from .persistence.adapter_io import AdapterIOMixin
+from .persistence.files import atomic_directory
+from .persistence.hub import HubMixin
+from .persistence.setup_io import AdapterSetupIOMixin
 
 logger = logging.getLogger("deberta_fast")
 
@@ -100,7 +100,7 @@ class DebertaV2AdapterModel(AdapterInitMixin, AdapterOwnerMixin, EmbeddingsMixin
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' from_pretrained; a DebertaV2For* checkpoint's head becomes flexible head "default"
-        (AdapterHub's conversion, see static_heads.py); a saved DebertaV2AdapterModel gets its adapters and heads
+        (AdapterHub's conversion, see heads/static.py); a saved DebertaV2AdapterModel gets its adapters and heads
         back from config.json's "adapters" / "prediction_heads"."""
         config = kwargs.get("config")
         if config is None or isinstance(config, (str, os.PathLike)):
@@ -129,7 +129,7 @@ class DebertaV2AdapterModel(AdapterInitMixin, AdapterOwnerMixin, EmbeddingsMixin
 
     def save_pretrained(self, save_directory, **kwargs):
         """transformers' save_pretrained with config.json's "adapters" and "prediction_heads" sections (AdapterHub's
-        layout), atomic as a whole directory (adapters/persistence.py ``atomic_directory``): the files are written
+        layout), atomic as a whole directory (adapters/persistence/files.py ``atomic_directory``): the files are written
         to a staging folder and swapped with the target in one step. Files of the target that this save does not
         write (a tokenizer, a README) are kept; the config and weight files of an earlier save are replaced, in
         every format and shard layout. Merged LoRAs are saved unmerged (base weights as loaded, adapters separate)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 
+from .composition.fusion import ADAPTERFUSION_CONFIG_MAP, DEFAULT_ADAPTERFUSION_CONFIG, AdapterFusionConfig
 from .configuration import ADAPTER_CONFIG_MAP, DEFAULT_ADAPTER_CONFIG, AdapterConfig, ConfigUnion, adapter_config_hash
-from .fusion import ADAPTERFUSION_CONFIG_MAP, DEFAULT_ADAPTERFUSION_CONFIG, AdapterFusionConfig
 
 __all__ = ["AdapterRegistry"]
 

@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
 from transformers.trainer_callback import TrainerCallback
 
-from .composition import AdapterCompositionBlock, Fuse
+from .composition.blocks import AdapterCompositionBlock, Fuse
 
 logger = logging.getLogger("deberta_fast")
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..bottleneck import Activation
 from ..configuration import BnConfig
-from ..initialization import seeded_generator
 from ..layer_base import AdapterLayerBase
+from .bottleneck import Activation
+from .initialization import seeded_generator
 
 __all__ = ["GLOWCouplingBlock", "InvertibleAdapterLayer", "NICECouplingBlock"]
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configuration import MTLLoRAConfig
-from ..initialization import seeded_generator
+from .initialization import seeded_generator
 
 __all__ = ["MTLLoRA", "TaskSpecificMatrix"]
 

@@ -9,7 +9,7 @@ diag(vera_b) at initialisation (vera_b = 0 makes a new adapter a no-op). For x [
     ΔW = vera_B · B · vera_D · A      [out, in]
     y  = x Wᵀ + b + s · dropout(x) ΔWᵀ,    s = alpha / r   (gated: s replaced by the gate, as in LoRA)
 
-With ``use_dora`` (DvoRA), ``m`` and the DoRA rescaling of dora.py apply with this ΔW.
+With ``use_dora`` (DvoRA), ``m`` and the DoRA rescaling of methods/dora.py apply with this ΔW.
 
 Shared matrices: created after every layer has its module, with the shapes of the adapter's first module (the
 q projection of layer 0 by default), initialised by ``init_weights`` ("vera": kaiming-uniform for A then B, as
@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configuration import LoRAConfig
-from ..initialization import seeded_generator
 from .dora import dora_merged_weights, dora_output, magnitude_from_weight
+from .initialization import seeded_generator
 
 __all__ = ["Vera", "is_vera", "shared_vera_parameters"]
 
@@ -117,7 +117,7 @@ class Vera(nn.Module):
         return layer_output + update
 
     def merged_weights(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        """(W', b'): W + s·ΔW (DvoRA: the DoRA fold of dora.py)."""
+        """(W', b'): W + s·ΔW (DvoRA: the DoRA fold of methods/dora.py)."""
         delta = self.delta_w.to(weight.dtype)
         if self.use_dora:
             return dora_merged_weights(weight, bias, delta, self.scaling, self.m)

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .configuration import PromptTuningConfig
+from ..configuration import PromptTuningConfig
+from ..layer_base import AdapterLayerBase
 from .initialization import seeded_generator
-from .layer_base import AdapterLayerBase
 
 __all__ = ["PromptTuning", "PromptTuningLayer", "insert_prompt_mask", "prompt_pair_mask"]
 

@@ -1,8 +1,8 @@
 """AdapterFusion management on DebertaV2AdapterModel: AdapterHub 1.3.0's add / delete / train / regularise API.
 
 A fusion is recorded in the model's registry (config.json's "fusions", "fusion_config_map", "fusion_name_map") and
-gets one AdapterFusionLayer (fusion.py) in every bottleneck location where its adapters have modules. Saving and
-loading fusions lives in adapter_io.py.
+gets one AdapterFusionLayer (composition/fusion.py) in every bottleneck location where its adapters have modules. Saving and
+loading fusions lives in persistence/adapter_io.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-from .composition import Fuse, parse_composition
+from .blocks import Fuse, parse_composition
 from .fusion import fusion_regularization_loss
 
 logger = logging.getLogger("deberta_fast")

@@ -11,7 +11,7 @@ location ("self_prefix"). A generator produces the prefix keys and values of all
 Keys: ``prefix_tuning.prefix_tunings.<n>.self_prefix.{wte.weight, control_trans.{0,2}.{weight,bias}}`` or
 ``...self_prefix.control_trans``. AdapterHub also registers the pool inside every layer, so its files carry a
 second copy of each tensor under ``encoder.layer.<i>.attention.self.prefix_tuning.pool.<same>``; here the pool is
-referenced, not registered, and adapter_io.py writes / reads those aliases (files stay AdapterHub's).
+referenced, not registered, and persistence/adapter_io.py writes / reads those aliases (files stay AdapterHub's).
 
 Each attention layer's ``PrefixTuningLayer`` (key ``...attention.self.prefix_tuning``) owns the optional gates
 (``prefix_gates.<n>``, Linear(H, 1) shared or Linear(H, 2) for key / value): with ``use_gating`` the prefix keys
@@ -32,11 +32,11 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from ..composition.blocks import BatchSplit, Parallel, Stack
+from ..configuration import PrefixTuningConfig
+from ..layer_base import AdapterLayerBase
 from .bottleneck import Activation
-from .composition import BatchSplit, Parallel, Stack
-from .configuration import PrefixTuningConfig
 from .initialization import seeded_generator
-from .layer_base import AdapterLayerBase
 
 __all__ = ["FlatPrefixTuning", "PrefixTuning", "PrefixTuningGroup", "PrefixTuningLayer", "PrefixTuningPool"]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 
-from . import persistence as files
-from .composition import AdapterCompositionBlock, Fuse, parse_composition
+from ..composition.blocks import AdapterCompositionBlock, Fuse, parse_composition
+from . import files
 
 __all__ = ["SETUP_CONFIG_NAME", "AdapterSetupIOMixin"]
 

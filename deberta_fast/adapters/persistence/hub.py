@@ -36,7 +36,7 @@ def _offline() -> bool:
 
 
 def _library_version() -> str:
-    from .. import __version__
+    from ... import __version__
 
     return __version__
 
@@ -126,7 +126,7 @@ class HubMixin:
         self.save_adapter(folder, adapter_name)
         card_path = os.path.join(folder, "README.md")
         if overwrite_adapter_card or not os.path.exists(card_path):
-            from .persistence import atomic_path
+            from .files import atomic_path
 
             card = adapter_card(self, adapter_name, repo_id, datasets_tag=datasets_tag, **(adapter_card_kwargs or {}))
             with atomic_path(card_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:

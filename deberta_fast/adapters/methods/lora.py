@@ -36,15 +36,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.ia3 import ia3_linear
-from ..ops.lora import lora_linear
-from .composition import AdapterCompositionBlock, Average, BatchSplit, MultiTask, Parallel, Stack
-from .configuration import LoRAConfig, MTLLoRAConfig
+from ...ops.ia3 import ia3_linear
+from ...ops.lora import lora_linear
+from ..composition.blocks import AdapterCompositionBlock, Average, BatchSplit, MultiTask, Parallel, Stack
+from ..configuration import LoRAConfig, MTLLoRAConfig
+from ..layer_base import AdapterLayerBase, concat_row_labels, row_groups, slice_row_labels
+from .dora import dora_merged_weights, dora_output, magnitude_from_weight
 from .initialization import seeded_generator
-from .layer_base import AdapterLayerBase, concat_row_labels, row_groups, slice_row_labels
-from .methods.dora import dora_merged_weights, dora_output, magnitude_from_weight
-from .methods.mtl_lora import MTLLoRA
-from .methods.vera import Vera, is_vera
+from .mtl_lora import MTLLoRA
+from .vera import Vera, is_vera
 
 __all__ = ["IA3", "LoRA", "LoRALinear"]
 

@@ -1,5 +1,5 @@
 """save_adapter / load_adapter / save_head / load_head / save_adapter_fusion / load_adapter_fusion in AdapterHub
-1.3.0's format (see persistence.py).
+1.3.0's format (see persistence/files.py).
 
 Loading is strict where AdapterHub only logs: a weights file whose keys do not match the adapter's modules (missing
 keys, unexpected keys, wrong shapes) raises ValueError naming the file and the keys, and the model is left as it
@@ -11,7 +11,7 @@ under each layer's alias (``deberta.encoder.layer.<i>.attention.self.prefix_tuni
 copies agree. A prefix file whose config says flat=False but whose tensors are the flat form (AdapterHub saves an
 ejected prefix that way) loads as flat=True.
 
-``load_adapter`` also takes a Hugging Face Hub id (hub.py resolves it to a local snapshot).
+``load_adapter`` also takes a Hugging Face Hub id (persistence/hub.py resolves it to a local snapshot).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import re
 import torch
 from packaging.version import InvalidVersion, Version
 
-from . import persistence as files
-from .configuration import adapter_config_hash
-from .fusion_management import fusion_name_of
+from ..composition.fusion_management import fusion_name_of
+from ..configuration import adapter_config_hash
+from ..heads.static import STATIC_HEAD_ARCHITECTURES, static_head_conversion
+from . import files
 from .hub import resolve_adapter_path
-from .static_heads import STATIC_HEAD_ARCHITECTURES, static_head_conversion
 
 logger = logging.getLogger("deberta_fast")
 
@@ -403,7 +403,7 @@ class AdapterIOMixin:
         return name
 
     def _fuse_block(self, fusion_name: str):
-        from .composition import Fuse
+        from ..composition.blocks import Fuse
 
         _, names = self.adapters_config.get_fusion(fusion_name)
         return Fuse(*names, name=fusion_name)

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 from transformers.utils import ModelOutput
 
-from .composition import AdapterCompositionBlock, BatchSplit, Parallel, parse_heads_from_composition
-from .configuration import adapter_config_hash
-from .context import AdapterSetup, ForwardContext
-from .errors import UnknownHeadTypeError
-from .heads import (
+from ..composition.blocks import AdapterCompositionBlock, BatchSplit, Parallel, parse_heads_from_composition
+from ..configuration import adapter_config_hash
+from ..context import AdapterSetup, ForwardContext
+from ..errors import UnknownHeadTypeError
+from .prediction import (
     HEAD_TYPES,
     UNSUPPORTED_HEAD_TYPES,
     ClassificationHead,

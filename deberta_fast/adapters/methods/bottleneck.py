@@ -19,11 +19,11 @@ sub-layer's residual input and LN the sub-layer's LayerNorm (the pre-trained one
 The parallel adapter (is_parallel) reads z = inp, adds no residual in the core, and posts LN(a + h + inp).
 The core ``up(act(down(z))) · scaling + residual`` goes through ``deberta_fast.ops.bottleneck_adapter`` whenever
 its activation is one the op knows; gating, dropout and the norms stay here. With ``phm_layer`` (Compacter) the two
-projections are PHM layers (phm.py) whose equivalent weight matrix feeds the same op; PHM layers keep their own
+projections are PHM layers (methods/phm.py) whose equivalent weight matrix feeds the same op; PHM layers keep their own
 initialisation whatever ``init_weights`` says (AdapterHub crashes on "mam_adapter" / "houlsby" with PHM).
 
 Composition (AdapterHub's rules): Stack re-runs each adapter's pre stage on the previous output; Fuse feeds the
-up-projections of its children to the AdapterFusion layer (fusion.py) with the query of the last child; Split
+up-projections of its children to the AdapterFusion layer (composition/fusion.py) with the query of the last child; Split
 cuts the sequence; Average takes the weighted mean of the children's outputs. Parallel and BatchSplit run each
 row group as its own setup would run alone (each child's own pre and post stages), so every channel equals the
 single-adapter run; AdapterHub applies the first child's pre stage and the last child's post stage to all rows,
@@ -40,14 +40,14 @@ import torch
 import torch.nn as nn
 from transformers.activations import get_activation
 
-from ..ops.bottleneck import ACTIVATIONS as OP_ACTIVATIONS
-from ..ops.bottleneck import bottleneck_adapter
-from .composition import AdapterCompositionBlock, Average, BatchSplit, Fuse, Parallel, Split, Stack
-from .configuration import BnConfig
-from .errors import MissingLayerEntryError
-from .fusion import AdapterFusionLayer
+from ...ops.bottleneck import ACTIVATIONS as OP_ACTIVATIONS
+from ...ops.bottleneck import bottleneck_adapter
+from ..composition.blocks import AdapterCompositionBlock, Average, BatchSplit, Fuse, Parallel, Split, Stack
+from ..composition.fusion import AdapterFusionLayer
+from ..configuration import BnConfig
+from ..errors import MissingLayerEntryError
+from ..layer_base import AdapterLayerBase, concat_row_labels, row_groups, slice_row_labels
 from .initialization import seeded_generator
-from .layer_base import AdapterLayerBase, concat_row_labels, row_groups, slice_row_labels
 from .phm import PHMLayer
 
 __all__ = ["Activation", "BottleneckAdapter", "BottleneckLayerMixin", "ParallelBottleneckAdapter",

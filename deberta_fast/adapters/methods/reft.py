@@ -19,11 +19,11 @@ import logging
 import torch
 import torch.nn as nn
 
+from ..configuration import ReftConfig
+from ..layer_base import AdapterLayerBase
 from .bottleneck import Activation
-from .configuration import ReftConfig
-from .lora import _torch_dtype
 from .initialization import seeded_init
-from .layer_base import AdapterLayerBase
+from .lora import _torch_dtype
 
 logger = logging.getLogger("deberta_fast")
 

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import ModelOutput
 
-from .bottleneck import Activation
+from ..methods.bottleneck import Activation
 
 __all__ = [
     "HEAD_TYPES",
