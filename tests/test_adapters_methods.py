@@ -139,7 +139,7 @@ def test_lora_linear_gating_stack_average_and_dropout():
 
 
 def _bottleneck_reference(adapter, config, h, inp, ln):
-    """AdapterHub's placement, written out (see deberta_fast/adapters/bottleneck.py docstring)."""
+    """AdapterHub's placement, written out (see deberta_fast/adapters/methods/bottleneck.py docstring)."""
     act = {"relu": F.relu, "swish": F.silu, "gelu": F.gelu, "tanh": torch.tanh,
            "gelu_new": lambda t: 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t ** 3)))}[
         config.non_linearity]
