@@ -233,9 +233,9 @@ class BnConfig(AdapterConfig):
 
     reduction_factor: hidden_size // reduction_factor bottleneck units (a float, or a per-layer mapping
     ``{"0": 8, "default": 16}``). scaling: a float, ``"learned"`` (a trained scalar) or ``"channel"`` (a trained
-    [hidden] vector). ``phm_*``: Compacter's PHM projections (methods/phm.py). ``inv_adapter``: an invertible adapter ("nice"
-    or "glow") on the embeddings (methods/invertible.py). ``cross_adapter`` and ``stochastic_depth`` parse but are
-    not run by this version (``supports_adapter`` says so).
+    [hidden] vector). ``phm_*``: Compacter's PHM projections (methods/phm.py). ``inv_adapter``: an invertible
+    adapter ("nice" or "glow") on the embeddings (methods/invertible.py). ``cross_adapter`` and ``stochastic_depth``
+    parse but are not run by this version (``supports_adapter`` says so).
     """
 
     mh_adapter: bool

@@ -7,7 +7,7 @@ runs before or after the weighted sum (``value_before_softmax``), its identity i
 (``value_initialized``), the regularisation flag and the score dropout (``dropout_prob``; None: the model's
 attention_probs_dropout_prob).
 
-Math of one fusion layer, for the query q [B, L, H] (the last fused adapter's input, see methods/bottleneck.py), the fused
+Math of one fusion layer, for the query q [B, L, H] (the last fused adapter's input: methods/bottleneck.py), the fused
 adapters' up-projections U [B, L, n, H] and the adapters' residual r [B, L, H]:
 
     U' = U + r (residual_before)             K = key(U'),  V = value(U') (value_before_softmax)

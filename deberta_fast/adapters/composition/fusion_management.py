@@ -1,7 +1,7 @@
 """AdapterFusion management on DebertaV2AdapterModel: AdapterHub 1.3.0's add / delete / train / regularise API.
 
 A fusion is recorded in the model's registry (config.json's "fusions", "fusion_config_map", "fusion_name_map") and
-gets one AdapterFusionLayer (composition/fusion.py) in every bottleneck location where its adapters have modules. Saving and
+gets one AdapterFusionLayer (fusion.py) in every bottleneck location where its adapters have modules. Saving and
 loading fusions lives in persistence/adapter_io.py.
 """
 

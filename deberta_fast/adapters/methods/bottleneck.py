@@ -23,7 +23,7 @@ projections are PHM layers (methods/phm.py) whose equivalent weight matrix feeds
 initialisation whatever ``init_weights`` says (AdapterHub crashes on "mam_adapter" / "houlsby" with PHM).
 
 Composition (AdapterHub's rules): Stack re-runs each adapter's pre stage on the previous output; Fuse feeds the
-up-projections of its children to the AdapterFusion layer (composition/fusion.py) with the query of the last child; Split
+up-projections of its children to the AdapterFusion layer (composition/fusion.py) with the last child's query; Split
 cuts the sequence; Average takes the weighted mean of the children's outputs. Parallel and BatchSplit run each
 row group as its own setup would run alone (each child's own pre and post stages), so every channel equals the
 single-adapter run; AdapterHub applies the first child's pre stage and the last child's post stage to all rows,

@@ -105,7 +105,7 @@ class AdapterIOMixin:
     def save_adapter(self, save_directory: str, adapter_name: str, with_head: bool = True, meta_dict: dict = None,
                      custom_weights_loaders=None, use_safetensors: bool = False) -> None:
         """Write adapter ``adapter_name`` (and, with_head, the head of the same name if there is one) to
-        ``save_directory`` in AdapterHub's format, atomically as a whole directory (persistence.atomic_directory:
+        ``save_directory`` in AdapterHub's format, atomically as a whole directory (atomic_directory in files.py:
         other files in the folder are kept)."""
         if adapter_name not in self.adapters_config:
             raise ValueError(f"No adapter with name '{adapter_name}' found. "
