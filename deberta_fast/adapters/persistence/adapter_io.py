@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 
 import torch
 from packaging.version import InvalidVersion, Version
@@ -431,11 +432,16 @@ class AdapterIOMixin:
                          self._file_envelope(dict(self.heads[head_name].config), head_name))
 
     def save_all_heads(self, save_directory: str, use_safetensors: bool = False) -> None:
-        """save_head for every head into ``save_directory/<name>``, in one atomic directory swap."""
+        """save_head for every head into ``save_directory/<name>``, in one atomic directory swap. Files already in
+        ``<name>`` other than a head's (an adapter of the same name, saved there first) are kept, as in AdapterHub."""
         with files.atomic_directory(save_directory, tuple(self.heads)) as staging:
             for name in self.heads:
-                folder = os.path.join(staging, name)
-                os.mkdir(folder)
+                folder, old = os.path.join(staging, name), os.path.join(save_directory, name)
+                if os.path.isdir(old):
+                    shutil.copytree(old, folder, symlinks=True,
+                                    ignore=lambda where, entries, top=old: files.HEAD_FILES if where == top else ())
+                else:
+                    os.mkdir(folder)
                 self._write_head(folder, name, use_safetensors)
 
     def load_head(self, save_directory: str, load_as: str = None, id2label=None, use_safetensors: bool = False,
