@@ -133,13 +133,8 @@ def module_available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def select(op_name: str, requested: str, candidates: Sequence[Candidate], device_type: str, *call,
-           failed: Mapping[str, str] | None = None) -> str:
-    """Name of the backend that runs this call (see module docstring).
-
-    failed: backend name -> error, the backends that already failed at run time for this call's signature; ``auto``
-    skips them (the failure was logged when it happened).
-    """
+def select(op_name: str, requested: str, candidates: Sequence[Candidate], device_type: str, *call) -> str:
+    """Name of the backend that runs this call (see module docstring); ``OpDispatcher`` also runs it."""
     by_name = {c.name: c for c in candidates}
     if requested != "auto":
         if requested not in by_name:
@@ -152,8 +147,6 @@ def select(op_name: str, requested: str, candidates: Sequence[Candidate], device
         if candidate.device_type not in (None, device_type):
             # auto never sends tensors to a backend made for another device (the Triton interpreter can run CUDA
             # kernels on CPU tensors, slowly: only an explicit request takes it there).
-            continue
-        if failed and candidate.name in failed:
             continue
         reasons = list(candidate.reasons(*call))
         if not reasons:
@@ -193,11 +186,13 @@ def _is_fallback_error(error: BaseException) -> bool:
 class OpDispatcher:
     """Runs one op on the backend ``select`` picks, and remembers backends that failed at run time.
 
-    ``run[name](*call)`` runs backend ``name``. Under ``auto``, an exception raised by a backend (a Triton kernel
-    that does not compile or launch, a native op that does not load) is logged once with the error, the pair
-    (backend, ``signature(device_type, *call)``) is remembered in this object, and the next candidate serves the
-    call (and every later call of that signature). An explicitly requested backend's error propagates unchanged.
-    Only the forward launch is covered: a backward kernel that fails raises from ``backward()``.
+    ``run[name](*call)`` runs backend ``name``. Under ``auto``, an exception raised by a backend or by its check (a
+    Triton kernel that does not compile or launch, a native op that does not build or load) is logged once with the
+    error, the pair (backend, ``signature(device_type, *call)``) is remembered in this object, and the next
+    candidate serves the call (and every later call of that signature). The last candidate left (the reference)
+    has nothing to fall back to: its errors propagate and are not remembered; so do out-of-memory errors. An
+    explicitly requested backend's error propagates unchanged. Only the forward is covered: a backward kernel that
+    fails raises from ``backward()``.
 
     Under torch.compile the remembered failures are read (the graph uses the backend eager would use) but a
     failure inside a compiled graph raises: the graph is fixed once traced.
@@ -219,18 +214,36 @@ class OpDispatcher:
 
     def __call__(self, backend: str | None, device_type: str, *call):
         requested = requested_backend(backend)
+        if requested != "auto":
+            return self.run[select(self.op_name, requested, self.candidates, device_type, *call)](*call)
         signature = self.signature(device_type, *call)
-        failed = self._failed.get(signature)
-        while True:
-            chosen = select(self.op_name, requested, self.candidates, device_type, *call, failed=failed)
-            if requested != "auto" or torch.compiler.is_compiling():
-                return self.run[chosen](*call)
+        failed = self._failed.get(signature, {})
+        # auto never sends tensors to a backend made for another device (see select).
+        eligible = [c for c in self.candidates if c.device_type in (None, device_type) and c.name not in failed]
+        compiling = torch.compiler.is_compiling()
+        for index, candidate in enumerate(eligible):
+            if compiling or index == len(eligible) - 1:
+                # The last resort's errors are the call's errors (never remembered); a graph being traced cannot
+                # catch what its kernels raise later, at run time.
+                reasons = list(candidate.reasons(*call))
+                if not reasons:
+                    return self.run[candidate.name](*call)
+                self._log_skip(candidate, reasons)
+                continue
             try:
-                return self.run[chosen](*call)
+                reasons = list(candidate.reasons(*call))
+                if not reasons:
+                    return self.run[candidate.name](*call)
             except Exception as error:
-                if not _is_fallback_error(error) or chosen == self.candidates[-1].name:
+                if not _is_fallback_error(error):
                     raise
-                failed = self._record_failure(signature, chosen, error)
+                self._record_failure(signature, candidate.name, error)
+                continue
+            self._log_skip(candidate, reasons)
+        raise BackendUnavailable(f"{self.op_name}: no backend can run this call")
+
+    def _log_skip(self, candidate: Candidate, reasons: Sequence[str]) -> None:
+        log_once(logging.WARNING, f"{self.op_name}: auto skipped backend {candidate.name!r}: " + "; ".join(reasons))
 
     def _record_failure(self, signature: tuple, backend: str, error: Exception) -> dict[str, str]:
         message = " ".join(f"{type(error).__name__}: {error}".split())
