@@ -190,10 +190,11 @@ def test_train_mode_with_inductor():
 # ------------------------------------------------------------------------------------------------- adapter model
 
 
-def _adapter_model(config_string):
+def _adapter_model(config_string, **overrides):
     from adapters_helpers import randomize_adapter_, tiny_model
 
-    model = tiny_model("v3", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    overrides = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, **overrides}
+    model = tiny_model("v3", **overrides)
     model.add_adapter("task", config=config_string)
     model.add_classification_head("task", num_labels=3)
     randomize_adapter_(model, "task")
@@ -251,6 +252,22 @@ def test_triton_backend_compiles_fullgraph_under_the_interpreter():
         expected = _outputs(model(**inputs))
     _assert_close(got, expected)
     assert len(recorder.graphs) == 1 and recorder.count(TRITON_OP) == 1
+
+
+def test_triton_lora_with_dropout_compiles_fullgraph_in_train_mode_under_the_interpreter():
+    """LoRA dropout on the Triton kernels draws its seed on the host; under torch.compile that is a captured
+    scalar passed to the custom op, not a graph break, and the masks equal eager mode's for the same seed."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py on machines without a GPU)")
+    model = _adapter_model("lora[r=4, alpha=8, dropout=0.1]", num_hidden_layers=1)
+    deberta_fast.set_attention_backend(model, "reference")  # the attention kernels are slow under the interpreter
+    recorder = Recorder()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True)
+    with use_backend("triton"):
+        _compare_train(model, compiled, _inputs("sequence_classification", length=8))
+    assert recorder.count("deberta_fast.lora", graph=0) > 0
 
 
 @pytest.mark.gpu
