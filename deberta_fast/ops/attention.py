@@ -40,6 +40,7 @@ _RUN = {
     "cpu": attention_cpu.run,
     "reference": disentangled_attention_reference,
 }
+_DISPATCH = dispatch.OpDispatcher(OP_NAME, CANDIDATES, _RUN)
 
 
 def check_attention_inputs(query, key, value, pos_key, pos_query, attention_mask, spec, num_prefix_keys) -> None:
@@ -116,5 +117,4 @@ def disentangled_attention(
     check_attention_inputs(query, key, value, pos_key, pos_query, attention_mask, spec, num_prefix_keys)
     call = (query, key, value, pos_key, pos_query, attention_mask, spec, softmax_scale, dropout_p,
             output_attentions, num_prefix_keys)
-    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, query.device.type, *call)
-    return _RUN[chosen](*call)
+    return _DISPATCH(backend, query.device.type, *call)
