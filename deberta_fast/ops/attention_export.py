@@ -8,23 +8,21 @@ translation, and dispatch decides from values the exporters cannot see. Same con
 O(L) position handling: no [L, L] index tensor (transformers' export builds one, expanded to [B·H, L, L] int64).
 
 - Slots. slot(d) is constant for |d| >= R (the saturation radius of the spec: the clamp to [0, 2S - 1] or a
-  constant log bucket), so the host computes ``table[k] = slot(k - R)`` once per spec, k = 0 .. 2R, with the same
-  torch float32 formula as every backend, and the graph reads the slots of its distances from this constant:
-  ``table[clamp(d + R, 0, 2R)]``, for 2L distances (an int64 vector of length 2L).
-- Scores per distance. With the tables' rows picked per distance, Pk_d[u] = Pk[slot(L - 1 - u)] and
-  Pq_d[u] = Pq[slot(u - (L - 1))] for u = 0 .. 2L - 1,
-
-      C = s·Q · Pk_dᵀ   [B, H, L, 2L]    C[i, u] = c2p score of query i at distance d = L - 1 - u
-      E = s·K · Pq_dᵀ   [B, H, L, 2L]    E[j, u] = p2c score of key j at distance d = u - (L - 1)
-
-- Toeplitz placement without an index ("skew"): c2p(i, j) = C[i, L - 1 - i + j], i.e. row i read from column
-  L - 1 - i on. In the row-major flat buffer F of C (rows of 2L) that element sits at i·(2L - 1) + (L - 1) + j, so
+  constant log bucket; R = 512 for 256 buckets and max_relative_positions 512), so the host computes
+  ``table[k] = slot(k - R)`` once per spec, k = 0 .. 2R, with the same torch float32 formula as every backend, and
+  the graph picks the 2R + 1 rows of Pk / Pq at those slots with a constant index: nothing depends on L.
+- Band scores. Cb = s·Q · Pk_bandᵀ [B, H, L, 2R + 1] (column k at distance i - j = R - k) and
+  Eb = s·K · Pq_bandᵀ (column k at distance j - i = R - k, rows = keys): the positional scores of every distance
+  up to the radius; farther distances take the end columns.
+- Placement on the diagonals without an index ("skew"). Edge padding (Pad, mode edge; negative amounts crop when
+  L <= R) turns each row of Cb into 2L columns, column u at distance L - 1 - u. Then c2p(i, j) = P[i, L - 1 - i + j]:
+  in the row-major flat buffer F of P that element sits at i·(2L - 1) + (L - 1) + j, so
   F[L - 1 : L - 1 + L·(2L - 1)] viewed as [L, 2L - 1] holds c2p in its first L columns: a Slice, a Reshape and a
-  Slice. The same placement of E gives p2c transposed (row = key j): p2c(i, j) = E[j, L - 1 - j + i].
+  Slice. The same placement of Eb gives p2c transposed (row = key j), transposed back.
 
 The key-padding mask enters the content score as one more column of the score GEMM (a 1 in every query, the
-mask bias in every key) and a query row without any valid key becomes the mean of all values, as transformers'
-finfo.min rows give.
+mask bias in every key); a padded query, whose whole row transformers fills with finfo.min, becomes the mean of all
+values.
 """
 
 from __future__ import annotations
