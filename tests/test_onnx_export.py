@@ -99,7 +99,7 @@ def run(sess, input_ids, mask):
 
 def assert_matches_model(path: str, model, multiple_choice: bool = False):
     sess = session(path)
-    for shape in (RUN_SHAPE, (1, 1)):
+    for shape in (RUN_SHAPE, (1, 1), (2, 60)):  # L=60 is past the saturation radius of the small-bucket configs
         input_ids, mask = make_inputs(*shape, multiple_choice=multiple_choice, seed=shape[1])
         got = run(sess, input_ids, mask)
         with torch.no_grad():

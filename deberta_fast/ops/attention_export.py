@@ -130,14 +130,25 @@ def positional_bias(query_scaled, content_key, pos_key, pos_query, spec: Relativ
     query_scaled: s·Q [B, H, L, D]; content_key: K [B, H, L, D]; pos_key / pos_query: [1 or B, H, 2S, D].
     """
     radius = saturated_slot_table(spec)[0]
+    length = query_scaled.shape[2]
+    # Short sequences reach only distances up to L - 1 < R: the band shrinks to r = min(R, L - 1) on each side
+    # (a negative constant pad crops). min(x, 0) stays symbolic as (x - |x|) / 2 in the TorchScript tracer (sizes are
+    # traced tensors there) and as sym_min under torch.export.
+    excess = length - 1 - radius
+    crop = (excess - abs(excess)) // 2 if torch.jit.is_tracing() else torch.sym_min(excess, 0)
+    reach = radius + crop
+
+    def band(table, reverse):
+        return F.pad(_band_rows(table, spec, reverse), (0, 0, crop, crop))
+
     bias = None
     if spec.c2p:
-        # c2p(i, j) = s·Q_i · Pk[slot(i - j)]: query rows, distance i - j = R - k.
-        bias = _toeplitz(torch.matmul(query_scaled, _band_rows(pos_key, spec, True).transpose(-1, -2)), radius)
+        # c2p(i, j) = s·Q_i · Pk[slot(i - j)]: query rows, distance i - j = r - k.
+        bias = _toeplitz(torch.matmul(query_scaled, band(pos_key, True).transpose(-1, -2)), reach)
     if spec.p2c:
-        # p2c(i, j) = s·K_j · Pq[slot(i - j)]: key rows j, distance i - j = -(R - k), transposed after placing.
-        rows = _band_rows(pos_query, spec, False) * softmax_scale
-        p2c = _toeplitz(torch.matmul(content_key, rows.transpose(-1, -2)), radius).transpose(-1, -2)
+        # p2c(i, j) = s·K_j · Pq[slot(i - j)]: key rows j, distance i - j = -(r - k), transposed after placing.
+        rows = band(pos_query, False) * softmax_scale
+        p2c = _toeplitz(torch.matmul(content_key, rows.transpose(-1, -2)), reach).transpose(-1, -2)
         bias = p2c if bias is None else bias + p2c
     return bias
 
