@@ -11,11 +11,11 @@ O(L) position handling: no [L, L] index tensor (transformers' export builds one,
   constant log bucket; R = 512 for 256 buckets and max_relative_positions 512), so the host computes
   ``table[k] = slot(k - R)`` once per spec, k = 0 .. 2R, with the same torch float32 formula as every backend, and
   the graph picks the 2R + 1 rows of Pk / Pq at those slots with a constant index: nothing depends on L.
-- Band scores. Cb = s·Q · Pk_bandᵀ [B, H, L, 2R + 1] (column k at distance i - j = R - k) and
-  Eb = s·K · Pq_bandᵀ (column k at distance j - i = R - k, rows = keys): the positional scores of every distance
-  up to the radius; farther distances take the end columns.
-- Placement on the diagonals without an index ("skew"). Edge padding (Pad, mode edge; negative amounts crop when
-  L <= R) turns each row of Cb into 2L columns, column u at distance L - 1 - u. Then c2p(i, j) = P[i, L - 1 - i + j]:
+- Band scores. With r = min(R, L - 1), Cb = s·Q · Pk_bandᵀ [B, H, L, 2r + 1] (column k at distance i - j = r - k)
+  and Eb = s·K · Pq_bandᵀ (column k at distance j - i = r - k, rows = keys): the positional scores of every
+  distance up to r; farther distances take the end columns.
+- Placement on the diagonals without an index ("skew"). Edge padding (Pad, mode edge) turns each row of Cb into
+  2L columns, column u at distance L - 1 - u. Then c2p(i, j) = P[i, L - 1 - i + j]:
   in the row-major flat buffer F of P that element sits at i·(2L - 1) + (L - 1) + j, so
   F[L - 1 : L - 1 + L·(2L - 1)] viewed as [L, 2L - 1] holds c2p in its first L columns: a Slice, a Reshape and a
   Slice. The same placement of Eb gives p2c transposed (row = key j), transposed back.
@@ -117,7 +117,7 @@ def _toeplitz(band: torch.Tensor, radius: int) -> torch.Tensor:
     """[N, H, L, 2R + 1] band scores (column k at distance R - k) -> [N, H, L, L]: out[.., i, j] = band score of
     row i at distance i - j; |i - j| > R reads the saturated end columns (module docstring)."""
     batch, heads, length, width = band.shape
-    # Edge padding to 2L columns, column u at distance L - 1 - u; negative amounts (L <= R) crop instead.
+    # Edge padding to 2L columns, column u at distance L - 1 - u (radius <= L - 1: never negative amounts).
     rows = F.pad(band.reshape(batch * heads, length, width), (length - 1 - radius, length - radius), mode="replicate")
     flat = rows.reshape(batch, heads, 2 * length * length)
     window = flat[:, :, length - 1 : length - 1 + length * (2 * length - 1)]
