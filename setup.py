@@ -31,7 +31,7 @@ setup(
     ],
     entry_points={"console_scripts": ["deberta-fast = deberta_fast.cli:main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "accelerate", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "accelerate", "tqdm", "onnx", "onnxruntime", "onnxscript"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
 )
