@@ -22,7 +22,7 @@ class DebertaV2Encoder(hf.DebertaV2Encoder):
     """forward(hidden_states [B, L, hidden], attention_mask [B, L] | [B, L, L] | [B, 1, L, L], ...) as
     transformers', returning a BaseModelOutput (or tuple).
 
-    In eval mode, a [B, L] mask whose padded fraction is at least ``unpad_threshold`` runs unpadded
+    On the CPU in eval mode, a [B, L] mask whose padded fraction is at least ``unpad_threshold`` runs unpadded
     (``deberta_fast.models.unpadded``: real tokens only, attention per row on its real length, transformers'
     values at padded positions reproduced from one representative token per row). It stays padded in train mode
     (dropout would make padded tokens differ), under torch.compile (data-dependent shapes), with output_attentions,
@@ -98,6 +98,7 @@ class DebertaV2Encoder(hf.DebertaV2Encoder):
         """Each row's (start, count) when this call may run unpadded, else None."""
         if (
             self.training
+            or hidden_states.device.type != "cpu"  # one attention call per row: launch-bound on a GPU
             or output_attentions
             or self.conv is not None
             or attention_mask.dim() != 2
