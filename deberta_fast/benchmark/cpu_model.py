@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -113,7 +114,8 @@ def export_onnx(model, inputs: dict, path: str) -> None:
         def forward(self, input_ids, attention_mask):
             return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on transformers' Python-side size checks
         torch.onnx.export(LastHidden(model.eval()), (inputs["input_ids"], inputs["attention_mask"]), path,
                           input_names=names, output_names=["last_hidden_state"], dynamic_axes=axes,
                           opset_version=17, dynamo=False)
@@ -173,7 +175,7 @@ def column_fn(column: str, work: dict, inputs: dict, onnx_dir: str):
     if column == "onnxruntime":
         import numpy as np
 
-        path = os.path.join(onnx_dir, f"{work['name']}.onnx")
+        path = os.path.join(onnx_dir, f"layers{work['layers']}.onnx")  # dynamic batch and length: one per depth
         if not os.path.exists(path):
             export_onnx(reference, inputs, path)
         session = ort_session(path)
