@@ -241,3 +241,28 @@ def test_adapter_model_exports(config, merge, tmp_path):
         expected = reference(input_ids=input_ids, attention_mask=mask).logits.numpy()
     assert got[0].shape == expected.shape
     assert np.abs(got[0] - expected).max() <= TOLERANCE
+
+
+def test_export_with_heavily_padded_example_inputs_keeps_a_general_graph(tmp_path):
+    """Example inputs that are mostly right padding would run unpadded in eager mode on the CPU: the exported graph
+    must not bake their row spans in, so other masks at other shapes still match PyTorch."""
+    model = build("DebertaV2ForSequenceClassification")
+    input_ids = torch.randint(5, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0, :3] = 1
+    mask[1, :2] = 1
+    path = str(tmp_path / "padded.onnx")
+    names = ["input_ids", "attention_mask"]
+    axes = {0: "batch", 1: "length"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (input_ids, mask), path, dynamo=False, input_names=names,
+                          dynamic_axes={name: axes for name in names}, opset_version=17)
+    other_ids = torch.randint(5, 97, (3, 10), generator=torch.Generator().manual_seed(4))
+    other_mask = torch.ones(3, 10, dtype=torch.long)
+    other_mask[1, 7:] = 0
+    other_mask[2, :4] = 0
+    (got,) = run(session(path), other_ids, other_mask)
+    with torch.no_grad():
+        expected = model(input_ids=other_ids, attention_mask=other_mask).logits.numpy()
+    assert np.abs(got - expected).max() <= TOLERANCE

@@ -103,6 +103,10 @@ class DebertaV2Encoder(hf.DebertaV2Encoder):
             or self.conv is not None
             or attention_mask.dim() != 2
             or torch.compiler.is_compiling()
+            # A trace would bake this batch's row spans into the graph: exported graphs stay padded.
+            or torch.compiler.is_exporting()
+            or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()
             or not torch.is_floating_point(hidden_states)
         ):
             return None
