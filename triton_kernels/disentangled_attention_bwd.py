@@ -541,6 +541,7 @@ def disentangled_attention_backward(
     when the term is off). dq / dk / dv are transposed views of [B, L, H, D] buffers.
 
     ``programs``: how many programs each kernel spreads its (batch, block) items over (default: by device).
+    ``tiles``: BLOCK_M, BLOCK_N, num_warps, num_stages instead of ``backward_config`` (the tile sweep).
     """
     batch, heads, length, head_dim = query.shape
     num_keys = key.shape[2]

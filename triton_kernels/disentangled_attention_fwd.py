@@ -269,7 +269,8 @@ def disentangled_attention_forward(
     tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Shapes as ``deberta_fast.ops.attention`` (any strides); returns
-    (out [B, H, L, D] as a transposed view of a [B, L, H, D] buffer, lse [B, H, L] float32 in log2 units)."""
+    (out [B, H, L, D] as a transposed view of a [B, L, H, D] buffer, lse [B, H, L] float32 in log2 units).
+    ``tiles``: BLOCK_M, BLOCK_N, num_warps, num_stages instead of ``forward_config`` (the GPU check's tile sweep)."""
     batch, heads, length, head_dim = query.shape
     interpret = interpreting()
     config = tiles or forward_config(length, head_dim, interpret, query.dtype)

@@ -225,8 +225,13 @@ class _Launches:
 
     def __init__(self):
         self.compiled = []
+        self.launched = []  # kernel hashes, in launch order (a kernel cached in memory launches without compiling)
         self.errors = []
         self.log = io.StringIO()
+
+
+# Worker-wide: what each compiled kernel (by Triton's hash) looked like, for cases that reuse it from memory.
+_KERNELS: dict[str, dict] = {}
 
 
 def _stand_in_driver(arch: int, launches: _Launches):
@@ -253,7 +258,7 @@ def _stand_in_driver(arch: int, launches: _Launches):
             self.target = GPUTarget("cuda", arch, 32)
 
             def launcher_cls(src, metadata):
-                return lambda *args, **kwargs: None
+                return lambda *args, **kwargs: launches.launched.append(metadata.hash)
 
             self.launcher_cls = launcher_cls
 
@@ -268,7 +273,8 @@ def _stand_in_driver(arch: int, launches: _Launches):
             return self.target
 
         def get_current_device(self):
-            return 0
+            # One device id per target: a JITFunction keeps its target and kernel cache per device.
+            return arch
 
         def get_current_stream(self, device=None):
             return 0
@@ -438,6 +444,7 @@ def run_case(case: Case) -> list[dict]:
         launches.log.truncate()
         launches.compiled.append((src, dict(metadata), dict(metadata_group), log, cache_hit))
 
+    _reset_autotuners()
     knobs.compilation.listener = listener
     knobs.nvidia.dump_ptxas_log = True
     driver.set_active(_stand_in_driver(arch, launches))
@@ -458,18 +465,27 @@ def run_case(case: Case) -> list[dict]:
         knobs.compilation.listener = None
         knobs.nvidia.dump_ptxas_log = False
     for src, metadata, files, log, cache_hit in launches.compiled:
+        cubin = next((path for name, path in files.items() if name.endswith(".cubin")), None)
+        log_path = f"{cubin}.ptxas.log" if cubin else None
+        if not cache_hit and log_path:
+            with open(log_path, "w") as handle:  # beside the cubin in the run's cache: for other workers' hits
+                handle.write(log)
+        elif cache_hit and log_path and os.path.exists(log_path):
+            with open(log_path) as handle:
+                log = handle.read()
         record = dict(
-            case=case.label, family=case.family, kernel=src.name, module=src.fn.module.rsplit(".", 1)[-1],
+            family=case.family, kernel=src.name, module=src.fn.module.rsplit(".", 1)[-1],
             target=case.target, dtype=case.dtype,
             constexprs=_constexpr_repr(src), num_warps=metadata.get("num_warps"),
             num_stages=metadata.get("num_stages"), shared=metadata.get("shared"), cache_hit=cache_hit, error=None,
         )
-        if cache_hit:
-            record.update(_inspect(files, ""))
-            record["registers"] = record["spill_stores"] = record["spill_loads"] = None
-        else:
-            record.update(_inspect(files, log))
-        records.append(record)
+        record.update(_inspect(files, log))
+        _KERNELS[metadata["hash"]] = record
+    seen = set()
+    for kernel_hash in launches.launched + [m["hash"] for _, m, _, _, _ in launches.compiled]:
+        if kernel_hash not in seen and kernel_hash in _KERNELS:
+            seen.add(kernel_hash)
+            records.append(dict(_KERNELS[kernel_hash], case=case.label))
     for message in launches.errors + ([error] if error else []):
         records.append(dict(case=case.label, family=case.family, kernel=None, target=case.target, dtype=case.dtype,
                             error=message))
@@ -477,6 +493,18 @@ def run_case(case: Case) -> list[dict]:
         record["case_seconds"] = round(time.time() - started, 2)
         record["case_cpu_seconds"] = round(_cpu_seconds() - cpu_started, 2)
     return records
+
+
+def _reset_autotuners() -> None:
+    """Forget every autotuner's choice: the next case may pick another config (or target) for the same key."""
+    from triton.runtime.autotuner import Autotuner
+
+    from deberta_fast.triton_kernels import fused_linear, lora_linear
+
+    for module in (fused_linear, lora_linear):
+        for value in vars(module).values():
+            if isinstance(value, Autotuner):
+                value.cache.clear()
 
 
 def _cpu_seconds() -> float:
@@ -574,7 +602,9 @@ def check_record(record: dict) -> list[str]:
     if record["dtype"] != "float32" and record.get("has_dot"):
         if not record.get("tensor_core_instructions"):
             problems.append("fp16/bf16 kernel with tl.dot has no tensor-core instruction (HMMA/HGMMA) in its SASS")
-        if record.get("spill_stores"):
+        if record.get("spill_stores") is None:
+            problems.append("no ptxas -v spill report for this kernel")
+        elif record["spill_stores"]:
             problems.append(f"{record['spill_stores']} bytes of register spill stores")
     return problems
 
