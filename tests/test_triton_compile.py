@@ -5,8 +5,9 @@ compiled through its production launcher for sm_80, sm_90, sm_100 and sm_120 fro
 processes without TRITON_INTERPRET; see deberta_fast/benchmark/triton_compile.py), over a pairwise design of
 the constexpr branches production reaches and every autotune config / tile config it can pick. Each compiled
 kernel must: compile; fit the target's opt-in static shared memory; when fp16/bf16 and holding a tl.dot, show
-tensor-core instructions (HMMA / HGMMA / tcgen05) in its SASS and spill no register (fp32 spills are recorded
-in the README's readiness table, not failed).
+tensor-core instructions (HMMA / HGMMA / tcgen05) in its SASS and spill no register, except the attention
+kernels' known spills, held under a ceiling (``triton_compile.KNOWN_SPILL_CEILINGS``); fp32 spills are recorded
+in the README's readiness table, not failed.
 """
 
 from __future__ import annotations
@@ -24,27 +25,6 @@ from deberta_fast.benchmark import triton_compile as tc
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "triton_kernels")
 CASES = tc.all_cases()
 IDS = [f"{i:03d}-{case.label}" for i, case in enumerate(CASES)]
-
-# Known defect, bounded rather than hidden: the fp16/bf16 attention kernels spill registers in several branch
-# combinations (seen on sm_90: forward with dropout at BLOCK_D 64, 500-1240 bytes with 4 or 8 warps; both backward
-# kernels at BLOCK_D 128 with both positional terms and dropout, 250-1500 bytes with every tile config tried from
-# 16 x 16 to 32 x 32 and 4 or 8 warps). Tile choices do not remove it: the live set (Philox state, the
-# BLOCK_D-wide saturated-slot vectors and the positional partial's read-modify-write) needs restructuring. Until
-# then their spill stores must stay under this ceiling (a regression fails), and the README readiness table lists
-# them. Every other fp16/bf16 kernel with a tl.dot must not spill at all.
-SPILL_CEILINGS = {"_disentangled_fwd_kernel": 4096, "_disentangled_bwd_dq_kernel": 4096,
-                  "_disentangled_bwd_dkv_kernel": 4096}
-
-
-def _problems(record: dict) -> list[str]:
-    problems = tc.check_record(record)
-    ceiling = SPILL_CEILINGS.get(record.get("kernel"))
-    if ceiling is not None and record.get("spill_stores") is not None:
-        problems = [p for p in problems if "spill" not in p]
-        if record["spill_stores"] > ceiling:
-            problems.append(f"{record['spill_stores']} bytes of spill stores, over the known-defect ceiling {ceiling}")
-    return problems
-
 
 @pytest.fixture(scope="module")
 def compiled():
@@ -66,7 +46,7 @@ def compiled():
 def test_case_compiles_within_the_target_limits(compiled, case):
     records = compiled[case.label]
     assert records, f"{case.label}: no kernel was compiled"
-    failures = [f"{r.get('kernel')}: {p}" for r in records for p in _problems(r)]
+    failures = [f"{r.get('kernel')}: {p}" for r in records for p in tc.check_record(r)]
     assert not failures, "\n".join(failures)
 
 
