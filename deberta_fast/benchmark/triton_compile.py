@@ -43,9 +43,9 @@ TARGETS = {
 DTYPES = ("float32", "float16", "bfloat16")
 HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 # Known defect, bounded rather than hidden: the fp16/bf16 attention kernels spill registers in several branch
-# combinations (seen on sm_90: forward with dropout at BLOCK_D 64, 500-1240 bytes with 4 or 8 warps; both backward
-# kernels at BLOCK_D 128 with both positional terms and dropout, 250-1500 bytes with every tile config tried from
-# 16 x 16 to 32 x 32 and 4 or 8 warps). Tile choices do not remove it: the live set (Philox state, the
+# combinations (seen: forward with dropout at BLOCK_D 64, 500-1900 bytes with 4 or 8 warps on sm_90 / sm_100;
+# BLOCK_D 128 with both positional terms, 460-1100 bytes even without dropout; the backward kernels 250-1500 bytes
+# with every tile config tried from 16 x 16 to 32 x 32 and 4 or 8 warps). Tile choices do not remove it: the live set (Philox state, the
 # BLOCK_D-wide saturated-slot vectors, the positional partial's read-modify-write) needs restructuring. Until then
 # their spill stores must stay under this ceiling (a regression fails); the README readiness table lists them.
 # The LoRA kernels spill less, in some configs (last run: down kernel 4-2040 bytes, mostly at ranks 32-64 where the
