@@ -16,7 +16,8 @@ setup(
     # The folders triton_kernels/ and csrc/ are installed under deberta_fast: the top-level names belong to others.
     # csrc/ holds the native CPU op's C++ sources, compiled on first use (deberta_fast/ops/attention_cpu.py).
     package_dir={"deberta_fast.triton_kernels": "triton_kernels", "deberta_fast.csrc": "csrc"},
-    package_data={"deberta_fast.data.movie_reviews": ["*.jsonl", "*.txt", "*.md"], "deberta_fast.csrc": ["*.cpp", "*.h"]},
+    package_data={"deberta_fast.data.movie_reviews": ["*.jsonl", "*.txt", "*.md"], "deberta_fast.csrc": ["*.cpp", "*.h"],
+                  "deberta_fast.triton_kernels": ["*.json"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.5",
@@ -31,7 +32,7 @@ setup(
     ],
     entry_points={"console_scripts": ["deberta-fast = deberta_fast.cli:main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "accelerate", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "accelerate", "tqdm", "onnx", "onnxruntime", "onnxscript"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
 )

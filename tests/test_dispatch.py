@@ -78,3 +78,26 @@ def test_reference_backend_by_context():
     expected = torch.softmax(q @ q.transpose(-1, -2) * 0.25, -1) @ q
     torch.testing.assert_close(out, expected)
     assert probs is None
+
+
+def test_a_thread_started_inside_use_backend_does_not_inherit_it(monkeypatch):
+    """contextvars semantics, as the README says: a new thread starts from an empty context (environment, then
+    auto); copying the context carries the choice over."""
+    import contextvars
+    import threading
+
+    monkeypatch.delenv("DEBERTA_FAST_BACKEND", raising=False)
+    seen = {}
+
+    def record(key):
+        seen[key] = requested_backend()
+
+    with use_backend("reference"):
+        plain = threading.Thread(target=record, args=("plain",))
+        copied = threading.Thread(target=contextvars.copy_context().run, args=(record, "copied"))
+        for thread in (plain, copied):
+            thread.start()
+            thread.join()
+        assert requested_backend() == "reference"
+    assert seen == {"plain": "auto", "copied": "reference"}
+    assert requested_backend() == "auto"

@@ -5,7 +5,8 @@ they load to fp32 there; on a GPU they feed ``tl.dot`` the input dtype (fp32 inp
 not TF32). Every autotuned kernel has three config lists, chosen at call time by ``prune_by_dtype``: one small
 config for the interpreter, tensor-core tiles for fp16/bf16, and small tiles for exact fp32 (FMA dots, whose
 large tiles spill registers and take minutes to compile). ``DEBERTA_FAST_AUTOTUNE=0`` keeps only the first
-config of a list (correctness runs that should not pay for tuning).
+config of a list (correctness runs that should not pay for tuning); ``DEBERTA_FAST_AUTOTUNE_CONFIG=i`` keeps the i-th
+(modulo the list's length).
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def prune_by_dtype(tensor_arg: str):
         kept = [c for c in configs if getattr(c, "kind", None) == kind] or list(configs[:1])
         if os.environ.get("DEBERTA_FAST_AUTOTUNE", "1") == "0":
             kept = kept[:1]
+        pick = os.environ.get("DEBERTA_FAST_AUTOTUNE_CONFIG")
+        if pick is not None:
+            # One config of the list (index modulo its length): the compile-only tests spread the configs over
+            # their cases instead of compiling every config in every case.
+            kept = [kept[int(pick) % len(kept)]]
         return kept
 
     return prune

@@ -43,6 +43,7 @@ from ._common import (
     window_size,
     window_slots,
 )
+from .attention_tiles import attention_tiles
 from .disentangled_attention_fwd import MODE_SAT_HI, MODE_SAT_LO, MODE_WINDOW, content_tile_ranges, masked_scores
 
 
@@ -486,16 +487,12 @@ def _disentangled_bwd_dkv_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def backward_config(length: int, head_dim: int, interpret: bool) -> dict:
-    """Tile sizes. Untuned on GPU (no device in the session that wrote them): 32 x 32 tiles keep the live set
-    (two 64-slot windows, their scores, the one-hot fold) small enough for registers. One pipeline stage: the
-    partial read-modify-write of a tile must not be prefetched before the previous tile's store. The interpreter
-    takes 64 x 64 tiles (fewer Python-level steps); the tests cover 16, 32 and 64."""
-    if interpret:
-        block = 64 if length > 32 else (32 if length > 16 else 16)
-        return dict(BLOCK_M=block, BLOCK_N=block, num_warps=1, num_stages=1)
-    block = 32 if length > 16 else 16
-    return dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
+def backward_config(length: int, head_dim: int, interpret: bool, dtype: torch.dtype = torch.float16) -> dict:
+    """Tile sizes: the tuned table's entry, else 32 x 32 tiles (the live set of two 64-slot windows, their scores
+    and the one-hot fold fits the registers) and one pipeline stage (the partial read-modify-write of a tile must
+    not be prefetched before the previous tile's store); see ``attention_tiles``. The interpreter takes 64 x 64
+    tiles (fewer Python-level steps); the tests cover 16, 32 and 64."""
+    return attention_tiles("backward", dtype, block_d(head_dim), length, interpret)
 
 
 def _groups(items: int, tables_heads: int, programs: int) -> int:
@@ -538,17 +535,19 @@ def disentangled_attention_backward(
     block_m: int | None = None,
     block_n: int | None = None,
     programs: int | None = None,
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the two backward kernels; returns (dq, dk, dv, dpk, dpq) shaped like their inputs (dpk / dpq None
     when the term is off). dq / dk / dv are transposed views of [B, L, H, D] buffers.
 
     ``programs``: how many programs each kernel spreads its (batch, block) items over (default: by device).
+    ``tiles``: BLOCK_M, BLOCK_N, num_warps, num_stages instead of ``backward_config`` (the tile sweep).
     """
     batch, heads, length, head_dim = query.shape
     num_keys = key.shape[2]
     device = query.device
     interpret = interpreting()
-    config = backward_config(length, head_dim, interpret)
+    config = tiles or backward_config(length, head_dim, interpret, query.dtype)
     bm = block_m or config["BLOCK_M"]
     bn = block_n or config["BLOCK_N"]
     bd = block_d(head_dim)

@@ -37,8 +37,11 @@ from ._common import (
     window_size,
     window_slots,
 )
+from .attention_tiles import attention_tiles
 
-NEG_INIT = -1.0e30  # running max before any key: finite, so fully masked tiles give exp2(-inf) = 0, never NaN
+# Running max before any key: finite, so fully masked tiles give exp2(-inf) = 0, never NaN. A constexpr: a jit
+# function may only read module-level values that are tl.constexpr (the interpreter does not enforce it).
+NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)
 
 MODE_WINDOW: tl.constexpr = tl.constexpr(0)
 MODE_SAT_HI: tl.constexpr = tl.constexpr(1)
@@ -238,12 +241,10 @@ def _disentangled_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def forward_config(length: int, head_dim: int, interpret: bool) -> dict:
-    """Tile sizes. Untuned on GPU (no device in the session that wrote them): 64 x 64 tiles, 128-slot window."""
-    block = 64 if length > 32 else (32 if length > 16 else 16)
-    if interpret:
-        return dict(BLOCK_M=block, BLOCK_N=block, num_warps=1, num_stages=1)
-    return dict(BLOCK_M=block, BLOCK_N=block, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+def forward_config(length: int, head_dim: int, interpret: bool, dtype: torch.dtype = torch.float16) -> dict:
+    """Tile sizes: the tuned table's entry for this target / dtype / head dim, else the defaults
+    (``attention_tiles``)."""
+    return attention_tiles("forward", dtype, block_d(head_dim), length, interpret)
 
 
 def disentangled_attention_forward(
@@ -265,12 +266,14 @@ def disentangled_attention_forward(
     allow_tf32: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Shapes as ``deberta_fast.ops.attention`` (any strides); returns
-    (out [B, H, L, D] as a transposed view of a [B, L, H, D] buffer, lse [B, H, L] float32 in log2 units)."""
+    (out [B, H, L, D] as a transposed view of a [B, L, H, D] buffer, lse [B, H, L] float32 in log2 units).
+    ``tiles``: BLOCK_M, BLOCK_N, num_warps, num_stages instead of ``forward_config`` (the GPU check's tile sweep)."""
     batch, heads, length, head_dim = query.shape
     interpret = interpreting()
-    config = forward_config(length, head_dim, interpret)
+    config = tiles or forward_config(length, head_dim, interpret, query.dtype)
     bm = block_m or config["BLOCK_M"]
     bn = block_n or config["BLOCK_N"]
     out = torch.empty(batch, length, heads, head_dim, dtype=query.dtype, device=query.device).transpose(1, 2)

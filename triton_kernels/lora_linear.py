@@ -48,16 +48,18 @@ def _tiles(*entries):
 
 
 _INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)
-# Forward: BLOCK_N is the output tile (x W_jᵀ columns); wider tiles amortise the R extra S columns.
+# Forward: BLOCK_N is the output tile (x W_jᵀ columns); wider tiles amortise the R extra S columns. 128-row
+# tiles take 8 warps, none is 256 wide, and 128 x 128 tiles take BLOCK_K 32: ptxas spills the others on sm_80 /
+# sm_90 at rank 64 (compile-only evidence, README "GPU readiness").
 _FWD_CONFIGS = make_configs(
     _INTERPRETER_TILES,
-    half=_tiles((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4)),
+    half=_tiles((128, 64, 64, 8, 4), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)),
     fp32=_tiles((64, 64, 32, 4, 2), (32, 64, 32, 4, 2)),
 )
 # dX: BLOCK_N is the loop step over N, BLOCK_K the dX column tile.
 _DX_CONFIGS = make_configs(
     _INTERPRETER_TILES,
-    half=_tiles((128, 64, 128, 8, 3), (128, 128, 64, 4, 3), (64, 64, 128, 4, 4), (128, 64, 64, 4, 4)),
+    half=_tiles((128, 64, 128, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 8, 4), (128, 64, 64, 8, 4)),
     fp32=_tiles((64, 32, 64, 4, 2), (32, 32, 64, 4, 2)),
 )
 
@@ -189,7 +191,7 @@ def _lora_fwd_kernel(
 
 @triton.autotune(configs=make_configs(dict(BLOCK_M=64, BLOCK_K=32),
                                       half=[(dict(BLOCK_M=64, BLOCK_K=128), 4, 3),
-                                            (dict(BLOCK_M=128, BLOCK_K=64), 4, 3),
+                                            (dict(BLOCK_M=128, BLOCK_K=64), 8, 3),
                                             (dict(BLOCK_M=128, BLOCK_K=128), 8, 3)],
                                       fp32=[(dict(BLOCK_M=64, BLOCK_K=64), 4, 2)]),
                  key=["M_BUCKET", "K", "R"], prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
@@ -306,7 +308,7 @@ def _lora_bwd_dx_kernel(
 
 @triton.autotune(configs=make_configs(dict(BLOCK_T=32, BLOCK_C=64),
                                       half=[(dict(BLOCK_T=64, BLOCK_C=128), 4, 3),
-                                            (dict(BLOCK_T=128, BLOCK_C=128), 4, 3),
+                                            (dict(BLOCK_T=128, BLOCK_C=128), 8, 3),
                                             (dict(BLOCK_T=64, BLOCK_C=256), 8, 3)],
                                       fp32=[(dict(BLOCK_T=32, BLOCK_C=64), 4, 2)]),
                  key=["K", "N", "R", "NUM_PROJ", "WHICH_FIRST", "WHICH_COUNT", "DROPOUT"],

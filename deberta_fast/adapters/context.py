@@ -16,12 +16,40 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .composition.blocks import AdapterCompositionBlock, parse_composition, parse_heads_from_composition
 
 __all__ = ["AdapterSetup", "ForwardContext", "active_setup_for", "snapshot_contexts"]
 
 _setups: contextvars.ContextVar[tuple] = contextvars.ContextVar("deberta_fast_adapter_setups", default=())
 _forwards: contextvars.ContextVar[tuple] = contextvars.ContextVar("deberta_fast_forward_contexts", default=())
+
+
+class _Stacks:
+    # The context variables are read through C-level properties (ContextVar.get as fget): torch.compile evaluates
+    # them while tracing and guards on the result, where a ContextVar.get() call breaks the graph. The property
+    # passes the instance as get's default, which only applies when a variable was never set in this context.
+    __slots__ = ()
+    setups = property(_setups.get)
+    forwards = property(_forwards.get)
+
+
+_STACKS = _Stacks()
+
+
+def _stack(value) -> tuple:
+    return () if value is _STACKS else value
+
+
+def _traced_forwards(registry) -> list:
+    """While torch.compile / torch.export trace a forward, its ForwardContext is kept on the model's registry
+    (ContextVar.set cannot be traced); only the tracing reads it, the compiled graph has the setup built in."""
+    stack = getattr(registry, "_traced_forward_contexts", None)
+    if stack is None:
+        stack = []
+        registry._traced_forward_contexts = stack
+    return stack
 
 
 class AdapterSetup:
@@ -39,7 +67,7 @@ class AdapterSetup:
 
     def __enter__(self):
         if not self._empty:
-            self._tokens.append(_setups.set(_setups.get() + (self,)))
+            self._tokens.append(_setups.set(_stack(_STACKS.setups) + (self,)))
         return self
 
     def __exit__(self, *exc):
@@ -49,7 +77,7 @@ class AdapterSetup:
 
     @classmethod
     def get_context(cls) -> AdapterSetup | None:
-        stack = _setups.get()
+        stack = _stack(_STACKS.setups)
         return stack[-1] if stack else None
 
     @classmethod
@@ -98,21 +126,31 @@ class ForwardContext:
     adapter_fusion_attentions: dict = field(default_factory=lambda: defaultdict(dict))
 
     def __enter__(self):
-        self._token = _forwards.set(_forwards.get() + (self,))
+        if torch.compiler.is_compiling():
+            _traced_forwards(self.registry).append(self)
+        else:
+            self._token = _forwards.set(_stack(_STACKS.forwards) + (self,))
         return self
 
     def __exit__(self, *exc):
-        _forwards.reset(self._token)
+        if torch.compiler.is_compiling():
+            _traced_forwards(self.registry).pop()
+        else:
+            _forwards.reset(self._token)
         return False
 
     @classmethod
     def get_context(cls) -> ForwardContext | None:
-        stack = _forwards.get()
+        stack = _stack(_STACKS.forwards)
         return stack[-1] if stack else None
 
     @classmethod
     def for_registry(cls, registry) -> ForwardContext | None:
         """The innermost context of the model that owns ``registry`` (None outside its forward)."""
+        if torch.compiler.is_compiling():
+            traced = _traced_forwards(registry)
+            if traced:
+                return traced[-1]
         context = cls.get_context()
         return context if context is not None and context.registry is registry else None
 
@@ -141,8 +179,8 @@ def active_setup_for(registry, layer_idx: int, names) -> AdapterCompositionBlock
     AdapterSetup context or the active adapters decide, as in AdapterHub. ``names``: the layer's adapter names; a
     setup that names none of them, or a layer listed in ``skip_layers``, runs nothing.
     """
-    context = ForwardContext.get_context()
-    if context is not None and context.registry is registry:
+    context = ForwardContext.for_registry(registry)
+    if context is not None:
         setup, skip = context.adapter_setup, context.skip_layers
     else:
         setup = AdapterSetup.get_context_adapter_setup()

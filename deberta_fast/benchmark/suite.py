@@ -8,6 +8,9 @@ Cases, each over every provider this machine has:
   lora        a LoRA linear (width 768, r 16) over T tokens: eager (three ops + add, as PEFT / AdapterHub),
               deberta_fast's op per backend, and the merged linear; forward and forward+backward
   bottleneck  a seq_bn-style bottleneck (768 -> 48 -> 768, relu, residual): eager vs deberta_fast per backend
+  cpu_model   (CPU only) issue 15's four workloads, interleaved: transformers, ONNX Runtime on transformers' export,
+              deberta_fast fp32 / bf16 and the GEMM floor, with peak RSS per column
+              (deberta_fast.benchmark.cpu_model)
 Medians come from one process, so ratios compare like with like; CSV rows carry machine, versions and git
 revision; a PNG of the table is drawn when matplotlib is installed.
 
@@ -25,12 +28,13 @@ import torch
 from . import harness
 from . import model as model_bench
 
-CASES = ("attention", "model", "lora", "bottleneck")
+CASES = ("attention", "model", "lora", "bottleneck", "cpu_model")
+DEFAULT_CASES = ("attention", "model", "lora", "bottleneck")  # cpu_model takes long: asked for by name
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"comma-separated subset of {', '.join(CASES)} (default: all)")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                        help=f"comma-separated subset of {', '.join(CASES)} (default: all but cpu_model)")
     parser.add_argument("--lengths", default=None,
                         help="sequence lengths of the attention case (default 512,2048; --quick: 128,256)")
     parser.add_argument("--model-shapes", default=None,
@@ -259,6 +263,10 @@ def run_from_args(args) -> list[dict]:
         rows += lora_case(tokens, repeats, args.device, facts)
     if "bottleneck" in cases:
         rows += bottleneck_case(tokens, repeats, args.device, facts)
+    if "cpu_model" in cases and args.device == "cpu":
+        from . import cpu_model
+
+        rows += [{**row, "note": ""} for row in cpu_model.run(quick=args.quick, repeats=args.repeats)]
     if args.device == "cuda" and not args.quick:
         from . import gpu_adapters, gpu_attention
 
@@ -270,8 +278,9 @@ def run_from_args(args) -> list[dict]:
     rows = [r for r in rows if (r["case"], r["provider"]) not in unavailable]
     path = args.csv or os.path.join(out, f"suite_{args.device}{'_quick' if args.quick else ''}.csv")
     harness.write_csv(rows, path)
-    columns = ["case", "length", "layers", "tokens", "mode", "provider", "median_s", "speedup_vs_transformers",
-               "speedup_vs_eager_lora", "speedup_vs_eager_bottleneck", "note"]
+    columns = ["case", "workload", "length", "layers", "tokens", "mode", "provider", "median_s", "speedup_vs_transformers",
+               "vs_gemm_floor",
+               "peak_mib", "speedup_vs_eager_lora", "speedup_vs_eager_bottleneck", "note"]
     columns = [c for c in columns if any(row.get(c) not in (None, "") for row in rows)]
     table = harness.format_table(rows, columns)
     print(f"machine: {facts['machine']} ({facts['device']}); torch {facts['torch']}, triton {facts['triton']}, "

@@ -15,11 +15,21 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 from ..ops.dispatch import log_once
+from .unpadded import layers_support_unpadding, row_spans, unpadded_encoder_layers
 
 
 class DebertaV2Encoder(hf.DebertaV2Encoder):
     """forward(hidden_states [B, L, hidden], attention_mask [B, L] | [B, L, L] | [B, 1, L, L], ...) as
-    transformers', returning a BaseModelOutput (or tuple)."""
+    transformers', returning a BaseModelOutput (or tuple).
+
+    On the CPU in eval mode, a [B, L] mask whose padded fraction is at least ``unpad_threshold`` runs unpadded
+    (``deberta_fast.models.unpadded``: real tokens only, attention per row on its real length, transformers'
+    values at padded positions reproduced from one representative token per row). It stays padded in train mode
+    (dropout would make padded tokens differ), under torch.compile (data-dependent shapes), with output_attentions,
+    an nGiE conv layer, rows with holes in the mask, non-zero inputs at padded positions, or wrapped layers.
+    """
+
+    unpad_threshold: float = 0.2
 
     def forward(
         self,
@@ -53,6 +63,16 @@ class DebertaV2Encoder(hf.DebertaV2Encoder):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         rel_embeddings = self.get_rel_embedding()
+        spans = self._unpadding_spans(hidden_states, attention_mask, output_attentions)
+        if spans is not None:
+            last, states = unpadded_encoder_layers(
+                self.layer, hidden_states, attention_mask, spans, rel_embeddings, output_hidden_states
+            )
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + tuple(states)
+            if not return_dict:
+                return tuple(v for v in (last, all_hidden_states) if v is not None)
+            return BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden_states, attentions=None)
         next_states = hidden_states
         for index, layer_module in enumerate(self.layer):
             next_states, attn_weights = layer_module(
@@ -73,3 +93,26 @@ class DebertaV2Encoder(hf.DebertaV2Encoder):
         return BaseModelOutput(
             last_hidden_state=next_states, hidden_states=all_hidden_states, attentions=all_attentions
         )
+
+    def _unpadding_spans(self, hidden_states, attention_mask, output_attentions):
+        """Each row's (start, count) when this call may run unpadded, else None."""
+        if (
+            self.training
+            or hidden_states.device.type != "cpu"  # one attention call per row: launch-bound on a GPU
+            or output_attentions
+            or self.conv is not None
+            or attention_mask.dim() != 2
+            or torch.compiler.is_compiling()
+            # A trace would bake this batch's row spans into the graph: exported graphs stay padded.
+            or torch.compiler.is_exporting()
+            or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()
+            or not torch.is_floating_point(hidden_states)
+        ):
+            return None
+        padded = attention_mask == 0
+        if not bool(padded.any()) or float(padded.float().mean()) < self.unpad_threshold:
+            return None
+        if bool(hidden_states[padded].any()) or not layers_support_unpadding(self.layer):
+            return None
+        return row_spans(attention_mask)

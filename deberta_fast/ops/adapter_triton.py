@@ -12,11 +12,11 @@ gradients flow back through the cast). The custom ops behind the run functions l
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
+from .dispatch import module_available
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LORA_RANK = 64  # the kernels keep an [rows, rank] fp32 accumulator in registers
@@ -42,7 +42,7 @@ def _autocast(*tensors):
 def _tensor_reasons(named: dict, reference_name: str) -> list[str]:
     """Device, dtype and availability reasons shared by every adapter op."""
     reasons = []
-    if importlib.util.find_spec("triton") is None:
+    if not module_available("triton"):
         return ["triton is not installed"]
     ref = named[reference_name]
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import attention_cpu, attention_triton, dispatch
+from .attention_export import disentangled_attention_export
 from .attention_reference import disentangled_attention_reference
 from .positions import RelativePositionSpec
 
@@ -40,6 +41,7 @@ _RUN = {
     "cpu": attention_cpu.run,
     "reference": disentangled_attention_reference,
 }
+_DISPATCH = dispatch.OpDispatcher(OP_NAME, CANDIDATES, _RUN)
 
 
 def check_attention_inputs(query, key, value, pos_key, pos_query, attention_mask, spec, num_prefix_keys) -> None:
@@ -116,5 +118,8 @@ def disentangled_attention(
     check_attention_inputs(query, key, value, pos_key, pos_query, attention_mask, spec, num_prefix_keys)
     call = (query, key, value, pos_key, pos_query, attention_mask, spec, softmax_scale, dropout_p,
             output_attentions, num_prefix_keys)
-    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, query.device.type, *call)
-    return _RUN[chosen](*call)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX exporters trace plain tensor ops, before any dispatch: the backends' custom ops have no ONNX
+        # translation (attention_export.py).
+        return disentangled_attention_export(*call)
+    return _DISPATCH(backend, query.device.type, *call)

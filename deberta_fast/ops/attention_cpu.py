@@ -36,7 +36,7 @@ import torch
 from . import native_cache
 from .attention_dropout import draw_seed
 from .dispatch import logger
-from .positions import RelativePositionSpec, distance_slot_table
+from .positions import RelativePositionSpec, distance_slot_table, host_constants, saturated_slots
 
 NAMESPACE = "deberta_fast_cpu"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -185,21 +185,43 @@ def _register_python_rules() -> None:
     torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
 
 
+def _slot_table(length, spec: RelativePositionSpec) -> torch.Tensor:
+    """int32 [2L - 1] slots of the distances -(L-1) .. L-1 (positions.distance_slot_table), cached per
+    (length, spec) in eager mode so that a model's layers do not recompute the float32 log buckets on every call.
+    While compiling or exporting the table is built in the graph instead (the length may be symbolic)."""
+    if torch.compiler.is_compiling():
+        return distance_slot_table(length, spec).to(torch.int32)
+    return _cached_slot_table(length, spec)
+
+
 @functools.lru_cache(maxsize=64)
-def _slot_table(length: int, spec: RelativePositionSpec) -> torch.Tensor:
-    """int32 [2L - 1] slots of the distances -(L-1) .. L-1 (positions.distance_slot_table); built once per
-    (length, spec), so that a model's layers do not recompute the float32 log buckets on every call. Read only."""
+def _cached_slot_table(length: int, spec: RelativePositionSpec) -> torch.Tensor:
     # Built outside inference mode: the cached table is saved for backward by later calls that track gradients.
+    # Read only.
     with torch.inference_mode(False):
         return distance_slot_table(length, spec).to(torch.int32)
 
 
+@torch.compiler.assume_constant_result
+def _largest_slot_step(spec: RelativePositionSpec) -> int:
+    """Largest slot increase between neighbouring distances over every distance (a property of the config alone,
+    evaluated once per spec in Python); > 1 when max_relative_positions is close to position_buckets / 2 (the log
+    buckets then skip slots), which the native op's tiling does not handle."""
+    return _largest_slot_step_of(spec)
+
+
 @functools.lru_cache(maxsize=64)
-def _largest_slot_step(length: int, spec: RelativePositionSpec) -> int:
-    """Largest slot increase between neighbouring distances; > 1 when max_relative_positions is close to
-    position_buckets / 2 (the log buckets then skip slots), which the native op's tiling does not handle."""
-    table = _slot_table(length, spec)
-    return int((table[1:] - table[:-1]).max()) if length > 1 else 0
+def _largest_slot_step_of(spec: RelativePositionSpec) -> int:
+    # Slots are monotone in the distance and saturate within +-saturation_distance: that table has every step.
+    with host_constants():
+        table = saturated_slots(spec)
+        return int((table[1:] - table[:-1]).max())
+
+
+@torch.compiler.assume_constant_result
+def build_error() -> str:
+    """Empty when the native op is registered, else why it could not be built (a constant for torch.compile)."""
+    return extension().error
 
 
 def unsupported_reasons(
@@ -218,17 +240,17 @@ def unsupported_reasons(
         reasons.append(f"dropout_p must be in [0, 1); got {dropout_p}")
     if attention_mask is not None and attention_mask.is_complex():
         reasons.append(f"attention_mask dtype {attention_mask.dtype} is not supported")
-    if query.shape[2] == 0:
+    if query.shape[2] == 0:  # a guard on a symbolic length, not a data-dependent decision
         reasons.append("the sequence is empty (L = 0)")
-    elif spec is not None and spec.any_position_term and _largest_slot_step(query.shape[2], spec) > 1:
+    elif spec is not None and spec.any_position_term and _largest_slot_step(spec) > 1:
         reasons.append(f"the log buckets skip slots (position_buckets={spec.position_buckets}, "
                        f"max_relative_positions={spec.max_relative_positions}): neighbouring distances more than "
                        "one slot apart are not supported by the native op")
     if reasons:
         return reasons
-    status = extension()
-    if not status.ok:
-        reasons.append(f"the native CPU op could not be built ({status.error})")
+    error = build_error()
+    if error:
+        reasons.append(f"the native CPU op could not be built ({error})")
     return reasons
 
 
@@ -238,9 +260,9 @@ def run(
 ):
     """Disentangled attention on the native op; returns (out [B, H, L, Dv], None). Inputs as validated by
     ``deberta_fast.ops.attention.check_attention_inputs`` and accepted by ``unsupported_reasons``."""
-    status = extension()
-    if not status.ok:
-        raise RuntimeError(f"the native CPU op of disentangled attention could not be built: {status.error}")
+    error = build_error()
+    if error:
+        raise RuntimeError(f"the native CPU op of disentangled attention could not be built: {error}")
     c2p = spec is not None and spec.c2p
     p2c = spec is not None and spec.p2c
     slot_table = _slot_table(query.shape[2], spec) if (c2p or p2c) else None

@@ -15,14 +15,13 @@ Both are opaque to torch.compile (fake implementations give shapes and strides),
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .dispatch import BackendUnavailable
+from .dispatch import BackendUnavailable, module_available
 from .positions import RelativePositionSpec
 
 MAX_HEAD_DIM = 128
@@ -37,7 +36,7 @@ def unsupported_reasons(query, key, value, pos_key, pos_query, attention_mask, s
                         output_attentions, num_prefix_keys) -> list[str]:
     """Every reason the triton backend cannot serve this call (empty when it can)."""
     reasons = []
-    if importlib.util.find_spec("triton") is None:
+    if not module_available("triton"):
         reasons.append("triton is not installed")
     device = query.device
     if device.type != "cuda" and not (device.type == "cpu" and _interpreter_on()):

@@ -35,6 +35,7 @@ CANDIDATES = (
     dispatch.Candidate("reference", None, lambda *call: []),
 )
 _RUN = {"triton": adapter_triton.bottleneck, "reference": bottleneck_adapter_reference}
+_DISPATCH = dispatch.OpDispatcher(OP_NAME, CANDIDATES, _RUN)
 
 
 def check_bottleneck_inputs(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling) -> None:
@@ -67,5 +68,4 @@ def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual=N
     """Bottleneck adapter core (module docstring)."""
     check_bottleneck_inputs(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
     call = (x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
-    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, x.device.type, *call)
-    return _RUN[chosen](*call)
+    return _DISPATCH(backend, x.device.type, *call)

@@ -21,6 +21,7 @@ CANDIDATES = (
     dispatch.Candidate("reference", None, lambda *call: []),
 )
 _RUN = {"triton": adapter_triton.ia3_linear, "reference": ia3_linear_reference}
+_DISPATCH = dispatch.OpDispatcher(OP_NAME, CANDIDATES, _RUN)
 
 
 def ia3_linear(x, weight, bias, scale, *, backend=None):
@@ -33,5 +34,4 @@ def ia3_linear(x, weight, bias, scale, *, backend=None):
         raise ValueError(f"scale must have {weight.shape[0]} entries (one per output feature); "
                          f"got {tuple(scale.shape)}")
     call = (x, weight, bias, scale)
-    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, x.device.type, *call)
-    return _RUN[chosen](*call)
+    return _DISPATCH(backend, x.device.type, *call)

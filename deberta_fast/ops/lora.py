@@ -35,6 +35,7 @@ CANDIDATES = (
     dispatch.Candidate("reference", None, lambda *call: []),
 )
 _RUN = {"triton": adapter_triton.lora_linear, "reference": lora_linear_reference}
+_DISPATCH = dispatch.OpDispatcher(OP_NAME, CANDIDATES, _RUN)
 
 
 def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed=None, prefix="") -> None:
@@ -61,5 +62,4 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     """LoRA linear (module docstring); dropout_p applies to the LoRA branch's input only (0.0 in eval)."""
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     call = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, x.device.type, *call)
-    return _RUN[chosen](*call)
+    return _DISPATCH(backend, x.device.type, *call)

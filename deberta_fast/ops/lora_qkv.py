@@ -45,6 +45,7 @@ CANDIDATES = (
     dispatch.Candidate("reference", None, lambda *call: []),
 )
 _RUN = {"triton": adapter_triton.lora_qkv, "reference": lora_qkv_reference}
+_DISPATCH = dispatch.OpDispatcher(OP_NAME, CANDIDATES, _RUN)
 
 
 def lora_qkv(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_lora=None, k_lora=None, v_lora=None,
@@ -63,5 +64,4 @@ def lora_qkv(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_lora=Non
                                                                  weight.new_empty(weight.shape[0], 0), 0.0)
         check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, prefix=f"{name}: ")
     call = (x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_lora, k_lora, v_lora, dropout_p, seed)
-    chosen = dispatch.select(OP_NAME, dispatch.requested_backend(backend), CANDIDATES, x.device.type, *call)
-    return _RUN[chosen](*call)
+    return _DISPATCH(backend, x.device.type, *call)

@@ -176,5 +176,5 @@ def run(x, weights, biases, lora_As, lora_Bs, scalings, dropout_p: float, seed: 
     lora_As = [a if a is not None else x.new_empty((0, K)) for a in lora_As]
     lora_Bs = [b if b is not None else x.new_empty((N, 0)) for b in lora_Bs]
     y, _ = lora_projections(x, list(weights), biases, lora_As, lora_Bs, [float(s) for s in scalings],
-                            float(dropout_p), int(seed or 0), save_s)
+                            float(dropout_p), 0 if seed is None else seed, save_s)
     return y.reshape(len(weights), *x.shape[:-1], y.shape[-1])

@@ -14,6 +14,8 @@ Everything here is O(L): a table indexed by the distance d + L - 1, never an [L,
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,9 +97,57 @@ def slots_of_distances(distances: torch.Tensor, spec: RelativePositionSpec) -> t
 
 
 def distance_slot_table(length: int, spec: RelativePositionSpec, device=None) -> torch.Tensor:
-    """int64 [2 * length - 1]: entry t is slot(t - (length - 1)), i.e. the slot of distance d at d + length - 1."""
+    """int64 [2 * length - 1]: entry t is slot(t - (length - 1)), i.e. the slot of distance d at d + length - 1.
+
+    While torch.compile / torch.export trace it, the table is gathered with integer ops from a constant table of
+    the distances up to saturation (``saturated_slots``): the graph never evaluates the float32 log, whose last-bit
+    rounding in generated code could move a slot at a bucket edge, and ``length`` may be symbolic.
+    """
     distances = torch.arange(-(length - 1), length, dtype=torch.long, device=device)
+    if torch.compiler.is_compiling():
+        reach = saturation_distance(spec)
+        return saturated_slots(spec).to(distances.device)[distances.clamp(-reach, reach) + reach]
     return slots_of_distances(distances, spec)
+
+
+@torch.compiler.assume_constant_result
+def saturation_distance(spec: RelativePositionSpec) -> int:
+    """D: the smallest distance with slot(-D) = 0 and slot(D) = 2S - 1; every longer distance has those slots."""
+    return _saturated(spec)[0]
+
+
+@torch.compiler.assume_constant_result
+def saturated_slots(spec: RelativePositionSpec) -> torch.Tensor:
+    """int64 [2D + 1] (CPU): slot(d) for d = -D .. D, D = ``saturation_distance(spec)``."""
+    return _saturated(spec)[1]
+
+
+@contextlib.contextmanager
+def host_constants():
+    """Real CPU tensors inside, even while torch.export traces the caller with fake tensors: for constants of a
+    graph computed from Python values only (the same torch ops, so the same rounding, as eager mode)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.inference_mode(False):
+        yield
+
+
+@functools.lru_cache(maxsize=64)
+def _saturated(spec: RelativePositionSpec) -> tuple[int, torch.Tensor]:
+    # slot(d) is monotone in d and saturates; the log buckets reach the ends near |d| = max_relative_positions.
+    reach = max(spec.att_span, spec.max_relative_positions, 1)
+    with host_constants():
+        while True:
+            distances = torch.arange(-reach, reach + 1, dtype=torch.long)
+            table = slots_of_distances(distances, spec)
+            if int(table[0]) == 0 and int(table[-1]) == spec.num_slots - 1:
+                break
+            reach *= 2
+        # The smallest such reach: trim the saturated ends down to one entry each.
+        low = int((table == 0).sum()) - 1
+        high = int((table == spec.num_slots - 1).sum()) - 1
+        trim = min(low, high)
+        return reach - trim, table[trim : table.numel() - trim].clone()
 
 
 def slot_window(length: int, spec: RelativePositionSpec) -> tuple[int, int]:
@@ -105,9 +155,18 @@ def slot_window(length: int, spec: RelativePositionSpec) -> tuple[int, int]:
 
     Evaluated on the CPU with the same float32 formula and widened by one slot on each side, so that a one-ULP
     difference of ``log`` on another device (the |d| = max_position - 1 knee) can never fall outside it.
-    Computing it on the host keeps the reference free of device-to-host synchronisation.
+    Computing it on the host keeps the reference free of device-to-host synchronisation; torch.compile evaluates it
+    while tracing (a constant of the graph).
     """
-    ends = slots_of_distances(torch.tensor([-(length - 1), length - 1], dtype=torch.long, device="cpu"), spec).tolist()
+    if isinstance(length, torch.SymInt):
+        return 0, spec.num_slots - 1  # a symbolic length (torch.export with dynamic shapes): every slot
+    return _slot_window(length, spec)
+
+
+@torch.compiler.assume_constant_result
+def _slot_window(length: int, spec: RelativePositionSpec) -> tuple[int, int]:
+    with host_constants():
+        ends = slots_of_distances(torch.tensor([-(length - 1), length - 1], dtype=torch.long), spec).tolist()
     return max(ends[0] - 1, 0), min(ends[1] + 1, spec.num_slots - 1)
 
 

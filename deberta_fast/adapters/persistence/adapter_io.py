@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 
 import torch
 from packaging.version import InvalidVersion, Version
@@ -146,7 +145,8 @@ class AdapterIOMixin:
                           custom_weights_loaders=None, use_safetensors: bool = False) -> None:
         """save_adapter for every adapter into ``save_directory/<name>`` (with "config_id" = the config hash), all
         in one atomic directory swap of ``save_directory``."""
-        with files.atomic_directory(save_directory, tuple(self.adapters_config)) as staging:
+        replaces = files.ADAPTER_FILES + (files.HEAD_FILES if with_head else ())
+        with files.atomic_directory(save_directory, subfolder_replaces=replaces) as staging:
             for name in self.adapters_config:
                 meta = dict(meta_dict or {})
                 meta["config_id"] = adapter_config_hash(self.adapters_config.get(name))
@@ -331,7 +331,7 @@ class AdapterIOMixin:
                                  use_safetensors: bool = False) -> None:
         """save_adapter_fusion for every fusion into ``save_directory/<fusion name>`` (with "config_id"), all in
         one atomic directory swap of ``save_directory``."""
-        with files.atomic_directory(save_directory, tuple(self.adapters_config.fusions)) as staging:
+        with files.atomic_directory(save_directory, subfolder_replaces=files.FUSION_FILES) as staging:
             for name in self.adapters_config.fusions:
                 config, names = self.adapters_config.get_fusion(name)
                 meta = dict(meta_dict or {})
@@ -432,16 +432,12 @@ class AdapterIOMixin:
                          self._file_envelope(dict(self.heads[head_name].config), head_name))
 
     def save_all_heads(self, save_directory: str, use_safetensors: bool = False) -> None:
-        """save_head for every head into ``save_directory/<name>``, in one atomic directory swap. Files already in
-        ``<name>`` other than a head's (an adapter of the same name, saved there first) are kept, as in AdapterHub."""
-        with files.atomic_directory(save_directory, tuple(self.heads)) as staging:
+        """save_head for every head into ``save_directory/<name>``, in one atomic directory swap; other files in
+        those folders (an adapter saved there by save_all_adapters) are kept."""
+        with files.atomic_directory(save_directory, subfolder_replaces=files.HEAD_FILES) as staging:
             for name in self.heads:
-                folder, old = os.path.join(staging, name), os.path.join(save_directory, name)
-                if os.path.isdir(old):
-                    shutil.copytree(old, folder, symlinks=True,
-                                    ignore=lambda where, entries, top=old: files.HEAD_FILES if where == top else ())
-                else:
-                    os.mkdir(folder)
+                folder = os.path.join(staging, name)
+                os.mkdir(folder)
                 self._write_head(folder, name, use_safetensors)
 
     def load_head(self, save_directory: str, load_as: str = None, id2label=None, use_safetensors: bool = False,

@@ -150,11 +150,33 @@ def _exchange(first: str, second: str) -> bool:
     raise OSError(code, os.strerror(code), second)
 
 
+def _keep_unwritten(old_folder: str, new_folder: str, replaced_names) -> None:
+    """Copy (hard-link where possible) the files of ``old_folder`` that ``new_folder`` lacks and that
+    ``replaced_names`` does not name."""
+    if not (os.path.isdir(old_folder) and not os.path.islink(old_folder) and os.path.isdir(new_folder)):
+        return
+    written = set(os.listdir(new_folder))
+    for entry in os.listdir(old_folder):
+        if entry in written or entry in replaced_names or _SAVE_LEFTOVER.match(entry) or _LEGACY_LEFTOVER.match(entry):
+            continue
+        source, destination = os.path.join(old_folder, entry), os.path.join(new_folder, entry)
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+        elif os.path.islink(source):
+            os.symlink(os.readlink(source), destination)
+        else:
+            _link_or_copy(source, destination)
+
+
 @contextlib.contextmanager
-def atomic_directory(target: str, replaces=()):
+def atomic_directory(target: str, replaces=(), subfolder_replaces=None):
     """Yield an empty staging folder; when the block completes, the target folder becomes the staging content
     plus the entries of the old target that the block did not write and that ``replaces`` does not name (a tuple
-    of names, or a predicate on a name), in one atomic step. On error the target is untouched."""
+    of names, or a predicate on a name), in one atomic step. On error the target is untouched.
+
+    With ``subfolder_replaces`` (a tuple of file names), a subfolder the block wrote that the old target also has
+    keeps the old subfolder's files that the block did not write and that the tuple does not name: ``save_all_heads``
+    into the folders of ``save_all_adapters`` adds the head files next to the adapter files, as AdapterHub does."""
     target = os.path.realpath(os.fspath(target))  # a symlinked target: save into the folder it points to
     if os.path.lexists(target) and not os.path.isdir(target):
         raise ValueError(f"{target}: exists and is not a directory")
@@ -169,6 +191,9 @@ def atomic_directory(target: str, replaces=()):
         _fsync_tree(staging)
         if os.path.isdir(target):
             written = set(os.listdir(staging))
+            if subfolder_replaces is not None:
+                for folder in written:
+                    _keep_unwritten(os.path.join(target, folder), os.path.join(staging, folder), subfolder_replaces)
             for entry in os.listdir(target):
                 if entry in written or replaced(entry) or _LEGACY_LEFTOVER.match(entry) \
                         or _SAVE_LEFTOVER.match(entry):
