@@ -158,12 +158,23 @@ def _compare_train(model, compiled, inputs, tolerance=1e-5):
 
 
 def test_train_mode_with_dropout_on_the_reference():
-    """Attention dropout on: auto runs the reference (the native op has no dropout), in one graph per pass."""
+    """Attention dropout on, reference backend (transformers' bernoulli masks): one graph per pass."""
+    model = _model("sequence_classification", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    recorder = Recorder()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True)
+    with use_backend("reference"):
+        _compare_train(model, compiled, _inputs("sequence_classification"))
+    assert recorder.count(NATIVE_OP) == 0
+
+
+def test_train_mode_with_attention_dropout_on_the_native_op():
+    """Attention dropout on, auto: the native op's counter-based dropout (seed drawn from torch's generator) runs
+    inside the compiled graph and gives eager's result for the same torch seed."""
     model = _model("sequence_classification", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     recorder = Recorder()
     compiled = torch.compile(model, backend=recorder, fullgraph=True)
     _compare_train(model, compiled, _inputs("sequence_classification"))
-    assert recorder.count(NATIVE_OP) == 0
+    assert recorder.count(NATIVE_OP) == 2
 
 
 def test_train_mode_on_the_native_op():
