@@ -218,7 +218,7 @@ def test_gradients_reach_retained_hidden_states_and_attentions(variant, flavor):
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("name", CLASSES)
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", ["tester", "v2_like"])
 def test_save_load_round_trip(variant, name, flavor, tmp_path):
     model, _ = build(flavor, name, config_of(variant, name))
     perturb_(model)
@@ -393,7 +393,7 @@ def test_classification_problem_types(problem, num_labels, dtype, flavor):
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("name", CLASSES)
-@pytest.mark.parametrize("variant", ["tester", "v3_like"])
+@pytest.mark.parametrize("variant", ["v3_like"])
 def test_resize_token_embeddings(variant, name, flavor):
     config = config_of(variant, name)
     model, _ = build(flavor, name, config)
@@ -464,7 +464,7 @@ def test_get_set_embeddings_main_input_name_and_meta_construction(name, flavor):
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("name", CLASSES)
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", ["tester", "v2_like"])
 def test_inputs_embeds_match_input_ids(variant, name, flavor):
     model, _ = build(flavor, name, config_of(variant, name))
     inputs = inputs_for(name)
