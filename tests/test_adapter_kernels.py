@@ -105,7 +105,7 @@ def test_counter_mask_kernel_matches_torch_mirror(seed, stream, rows, cols):
         key, threshold = counter_dropout.stream_key(seed, stream), counter_dropout.keep_threshold(p)
         counter_rng.materialize_keep_mask(out, key, threshold)
         mirror = counter_dropout.keep_mask(seed, rows, cols, p, stream, device=DEVICE)
-        assert torch.equal(out.bool(), mirror)
+        assert torch.equal(out.bool(), mirror)  # exact: keep masks are integer hashes of the counters
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -125,6 +125,7 @@ def test_counter_mask_statistics(p):
         assert abs(pair.mean().item() - (1 - p) ** 2) < 6 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / pair.numel()) ** 0.5
     other = counter_dropout.keep_mask(8, rows, cols, p).double()
     assert abs((mask * other).mean().item() - (1 - p) ** 2) < 0.01
+    # keep masks are booleans: another stream must give another pattern
     assert not torch.equal(counter_dropout.keep_mask(7, 64, 64, p, stream=1), counter_dropout.keep_mask(7, 64, 64, p))
 
 
@@ -136,7 +137,7 @@ def test_lora_kernel_applies_the_counter_mask():
     y = lora_linear(x, torch.zeros(width, width, device=DEVICE), None, eye, eye, 1.0, p, seed=99, backend="triton")
     kept = y != 0
     assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
-    assert torch.equal(kept, counter_dropout.keep_mask(99, rows, width, p, device=DEVICE))
+    assert torch.equal(kept, counter_dropout.keep_mask(99, rows, width, p, device=DEVICE))  # boolean masks
     sigma = (p * (1 - p) / kept.numel()) ** 0.5
     assert abs(kept.double().mean().item() - (1 - p)) < 5 * sigma
 
@@ -216,13 +217,13 @@ def test_lora_dropout_reproducible():
 
     first, again, other = run(21), run(21), run(22)
     for u, v in zip(first, again):
-        assert torch.equal(u, v)
+        assert torch.equal(u, v)  # exact: one kernel, same inputs and seed, same process
     assert not torch.equal(first[0], other[0])
     # Without a seed one is drawn from torch's generator: manual_seed makes it repeatable.
     torch.manual_seed(4)
     drawn = lora_linear(x, w, bias, a, b, 1.0, 0.25, backend="triton")
     torch.manual_seed(4)
-    assert torch.equal(drawn, lora_linear(x, w, bias, a, b, 1.0, 0.25, backend="triton"))
+    assert torch.equal(drawn, lora_linear(x, w, bias, a, b, 1.0, 0.25, backend="triton"))  # same kernel and seed
     # dropout_p = 1 drops the whole LoRA branch, as torch's dropout does.
     base = F.linear(x, w, bias)
     within_budget("p=1", lora_linear(x, w, bias, a, b, 1.0, 1.0, seed=1, backend="triton"), base, base.double(),
@@ -542,6 +543,7 @@ def test_triton_backend_reasons(monkeypatch):
 def test_auto_on_cpu_uses_the_reference():
     """Even under the interpreter, auto never picks the CUDA kernels for CPU tensors."""
     x, w, b, a, bb = [t.detach() for t in lora_inputs((4, 48), 80, 4)]
+    # exact: auto must run the reference function itself on the same tensors
     assert torch.equal(lora_linear(x, w, b, a, bb, 0.5), lora_linear_reference(x, w, b, a, bb, 0.5))
     wd, bd, wu, bu = torch.randn(6, 48), torch.randn(6), torch.randn(48, 6), torch.randn(48)
     assert torch.equal(bottleneck_adapter(x, wd, bd, wu, bu, x, activation="gelu"),

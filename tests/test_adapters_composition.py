@@ -191,7 +191,7 @@ def test_multitask_routes_rows_by_task_id():
         by_name = model(**inputs, task_ids=["b", "a", "b"]).last_hidden_state
     for row, name in enumerate("bab"):
         torch.testing.assert_close(routed[row], singles[name][row], rtol=0, atol=TOLERANCE)
-    assert torch.equal(routed, by_name)
+    assert torch.equal(routed, by_name)  # exact: ids and names route the same rows through the same kernels
     with pytest.raises(ValueError, match="task_ids"):
         model(**inputs)
 
@@ -236,11 +236,14 @@ def test_prefix_tuning_saves_as_safetensors(tmp_path):
     model.save_adapter(str(tmp_path), "p", use_safetensors=True)
     saved = load_file(str(tmp_path / "adapter.safetensors"))
     aliases = [k for k in saved if ".attention.self.prefix_tuning.pool." in k]
+    # exact: the aliases are copies of the stored pool tensors
     assert len(aliases) == 2 * 5 and all(torch.equal(saved[k], saved[k.replace(
         k[:k.index("prefix_tuning.pool.")] + "prefix_tuning.pool.", "deberta.prefix_tuning.")]) for k in aliases)
     fresh = tiny_model("v3")
     fresh.load_adapter(str(tmp_path), use_safetensors=True, set_active=True)
-    assert torch.equal(run_like_adapterhub(fresh, inputs)["last_hidden_state"], before)
+    # the loaded weights are new allocations (another GEMM path may round differently): rounding-level tolerance
+    torch.testing.assert_close(run_like_adapterhub(fresh, inputs)["last_hidden_state"], before, rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_prompt_tuning_with_conv_layer_matches_transformers_encoder():

@@ -90,6 +90,7 @@ def _same_files(ours: str, theirs: str) -> None:
         a, b = read(mine), read(reference)
         assert sorted(a) == sorted(b), name
         for key in b:
+            # exact: a saved file holds copies of the loaded tensors
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 

@@ -133,7 +133,7 @@ def test_saving_again_reproduces_adapterhub_files(case, fmt, tmp_path):
             assert sorted(mine) == sorted(reference), file_name
             for key, value in reference.items():
                 assert mine[key].dtype == value.dtype and mine[key].shape == value.shape, key
-                assert torch.equal(mine[key], value), key
+                assert torch.equal(mine[key], value), key  # exact: a saved file holds copies of the loaded tensors
 
 
 def test_lora_on_query_and_key_reaches_the_position_terms():

@@ -209,7 +209,8 @@ def test_static_checkpoint_head_becomes_flex_head_default(architecture, extra, t
     model.save_pretrained(str(tmp_path / "flex"))
     again = DebertaV2AdapterModel.from_pretrained(str(tmp_path / "flex")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(**inputs)[key], ours[key], rtol=0, atol=0)
+        # reloaded weights are fresh allocations: GEMM may take another path, so rounding-level tolerance
+        torch.testing.assert_close(again(**inputs)[key], ours[key], rtol=1e-6, atol=1e-6)
 
 
 def test_unsupported_head_types_raise():
@@ -232,6 +233,7 @@ def test_forward_head_output_embeddings_and_tie_weights():
     with torch.no_grad():
         base = model.deberta(**inputs)
         direct = model.forward_head(base, head_name="c", attention_mask=inputs["attention_mask"], return_dict=True)
+        # exact: the same modules run the same kernels on the same tensors in both calls
         torch.testing.assert_close(direct.logits, model(**inputs, head="c").logits, rtol=0, atol=0)
     model.active_head = "m"
     assert model.get_output_embeddings() is model.heads["m"][3]

@@ -107,4 +107,5 @@ def test_load_adapter_from_a_hub_id_uses_the_snapshot(model, tmp_path, monkeypat
     model.set_active_adapters("sst")
     inputs = tiny_inputs()
     with torch.no_grad():
-        assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+        # the fresh model's weights are new allocations: another GEMM path may round differently
+        torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=1e-6, atol=1e-6)

@@ -121,7 +121,7 @@ def test_lora_linear_gating_stack_average_and_dropout():
         with AdapterSetup(Average("a", "b", weights=[1, 3])):
             mean = (0.25 * 2.0 * update(a, x) + 0.75 * 1.0 * update(b, x)) / 2
             torch.testing.assert_close(linear(x), base + mean, rtol=0, atol=TOL)
-        with AdapterSetup("missing_here"):
+        with AdapterSetup("missing_here"):  # exact: only the base linear runs, on the same tensors
             torch.testing.assert_close(linear(x), base, rtol=0, atol=0)
 
     model.add_adapter("d", config=LoRAConfig(r=2, alpha=2, dropout=0.5))
@@ -215,7 +215,7 @@ def test_bottleneck_variants_follow_adapterhub_placement(variant):
                 h = block.dense(x)
                 reference = _bottleneck_reference(adapter, config, h, inp, block.LayerNorm)
             torch.testing.assert_close(ours, reference, rtol=0, atol=TOL)
-            with torch.no_grad():
+            with torch.no_grad():  # exact: without an active adapter the block runs the same ops on the same tensors
                 torch.testing.assert_close(block(x, inp), block.LayerNorm(h + inp), rtol=0, atol=0)
 
 
@@ -256,15 +256,17 @@ def test_initialisation_schemes():
         model.add_adapter(name, config=config, set_active=True)
         with torch.no_grad():
             diff = float((model(**inputs).last_hidden_state - base).abs().max())
+        # exact for no-op inits: the same base GEMMs run and the adapter adds exact zeros (or scales by 1)
         assert (diff == 0.0) if no_op else (diff > 1e-6), (name, diff)
     houlsby = model.deberta.encoder.layer[0].output.adapters["hou"].adapter_up.weight
     assert houlsby.abs().max() <= 2e-2
     state = torch.random.get_rng_state()
     model.add_adapter("s1", config="lora[init_weights_seed=5]")
     model.add_adapter("s2", config="lora[init_weights_seed=5]")
-    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(torch.random.get_rng_state(), state)  # exact: RNG state bytes
     q0 = model.deberta.encoder.layer[0].attention.self.query_proj.loras
     q1 = model.deberta.encoder.layer[1].attention.self.query_proj.loras
+    # exact: one seed, the same draws
     assert torch.equal(q0["s1"].lora_A, q0["s2"].lora_A) and torch.equal(q0["s1"].lora_A, q1["s1"].lora_A)
 
 
@@ -277,7 +279,7 @@ def test_skip_layers_and_leave_out():
     inputs = tiny_inputs()
     with torch.no_grad():
         base = model(**inputs).last_hidden_state
-        model.set_active_adapters("bn", skip_layers=[0])
+        model.set_active_adapters("bn", skip_layers=[0])  # exact: no adapter runs, the same kernels do
         torch.testing.assert_close(model(**inputs).last_hidden_state, base, rtol=0, atol=0)
         model.set_active_adapters("bn")
         assert (model(**inputs).last_hidden_state - base).abs().max() > 1e-3
@@ -298,6 +300,7 @@ def test_adapter_setup_context_equals_active_adapters():
         model.set_active_adapters(Stack("a", "b"))
         active = model(**inputs)
         assert model.active_head == "b"
+        # exact here and below: the same setup runs the same kernels on the same tensors
         torch.testing.assert_close(in_context.logits, active.logits, rtol=0, atol=0)
         with AdapterSetup(None):  # an explicit empty setup runs no adapter even though some are active
             plain = model(**inputs, head="b")

@@ -59,7 +59,8 @@ def test_eject_prefix_tuning_keeps_the_output_and_reloads(config, tmp_path):
     assert [m["flat"] for m in members if m.get("architecture") == "prefix_tuning"] == [True]
     fresh = tiny_model("v3")
     fresh.load_adapter(str(tmp_path))
-    assert torch.equal(_output(fresh, inputs, "p"), after)
+    # a fresh model's weights are new allocations: another GEMM path may round differently
+    torch.testing.assert_close(_output(fresh, inputs, "p"), after, rtol=1e-6, atol=1e-6)
 
 
 def test_prefix_keys_get_no_positional_bias():

@@ -39,13 +39,14 @@ def test_adapter_round_trip(config, use_safetensors, tmp_path):
     fresh = tiny_model("v3")
     name = fresh.load_adapter(str(tmp_path), use_safetensors=use_safetensors, set_active=True)
     assert name == "a" and fresh.active_head == "a" and fresh.get_labels() == ["x", "y", "z"]
-    torch.testing.assert_close(_outputs(fresh).logits, expected, rtol=0, atol=0)
+    # loaded weights are new allocations: another GEMM path may round differently, hence 1e-6
+    torch.testing.assert_close(_outputs(fresh).logits, expected, rtol=1e-6, atol=1e-6)
 
     other = tiny_model("v3")
     assert other.load_adapter(str(tmp_path), load_as="b", with_head=True) == "b"
     assert "b" in other.heads and other.active_head is None and not other.active_adapters
     other.set_active_adapters("b")
-    torch.testing.assert_close(_outputs(other).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(_outputs(other).logits, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_load_options_leave_out_id2label_without_head(tmp_path):
@@ -185,7 +186,7 @@ def test_save_pretrained_from_pretrained_keep_adapters_and_heads(tmp_path):
     assert set(loaded.adapters_config) == {"lo", "bn"} and set(loaded.heads) == {"bn", "lo"}
     assert loaded.heads["bn"][3].weight is loaded.deberta.embeddings.word_embeddings.weight
     loaded.set_active_adapters("bn")
-    torch.testing.assert_close(_outputs(loaded).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(_outputs(loaded).logits, expected, rtol=1e-6, atol=1e-6)  # reloaded: new allocations
     other = DebertaV2AdapterModel(config)
     assert len(other.heads) == 0
 

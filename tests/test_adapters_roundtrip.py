@@ -133,7 +133,7 @@ def test_save_pretrained_round_trip_of_every_method_fusion_and_composition(tmp_p
     assert set(loaded.adapters_config) == set(METHODS) and set(loaded.heads) == {"seq_bn", "prefix"}
     state = loaded.state_dict()
     assert set(state) == set(model.state_dict())
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # exact: stored copies
     for setup, expected in zip(setups, before):
         loaded.set_active_adapters(setup)
         loaded.active_head = None

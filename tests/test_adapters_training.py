@@ -45,7 +45,7 @@ def test_train_adapter_trains_only_that_adapter_and_its_head(config):
         optimizer.step()
         optimizer.zero_grad()
     after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}  # untouched tensors keep their bits
     assert changed, "the trained adapter did not change"
     assert all(k in {n for n in trainable} for k in changed), sorted(changed - trainable)
     assert any(not k.startswith("heads.") for k in changed)
@@ -106,11 +106,13 @@ def test_merge_equals_unmerged_and_reset_restores_exactly(config):
         model.merge_adapter("a")
         merged = model(**inputs).last_hidden_state
         model.merge_adapter("a")  # merging the merged adapter again is a no-op
+        # exact: the same merged weight tensors, the same kernels, the same inputs
         assert torch.equal(model(**inputs).last_hidden_state, merged)
     assert (merged - unmerged).abs().max() <= 1e-5
     changed = [k for k in original if not torch.equal(original[k], model.state_dict()[k])]
     assert changed and all(k.endswith("weight") or k.endswith("bias") for k in changed)
     model.reset_adapter()
+    # exact: reset puts the original weight tensors themselves back
     for key, value in model.state_dict().items():
         assert torch.equal(value, original[key]), key
     with torch.no_grad():
@@ -128,7 +130,7 @@ def test_set_active_adapters_resets_merges_and_save_pretrained_saves_unmerged(tm
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "model.safetensors"))
-    assert torch.equal(saved["deberta.encoder.layer.0.attention.self.query_proj.weight"], weight)
+    assert torch.equal(saved["deberta.encoder.layer.0.attention.self.query_proj.weight"], weight)  # stored copy
     model.set_active_adapters("a")
     assert torch.equal(model.deberta.encoder.layer[0].attention.self.query_proj.weight, weight)
 
@@ -168,6 +170,7 @@ def test_delete_adapter_removes_modules_and_unmerges():
     model.delete_adapter("a")
     assert not model.has_adapters() and model.active_adapters is None and model.get_adapter("a") == {}
     assert not any(".loras.a." in k for k in model.state_dict())
+    # exact: unmerging restores the stored original weight, not a subtraction
     assert torch.equal(model.deberta.encoder.layer[0].attention.self.query_proj.weight, weight)
     model.delete_adapter("a")  # unknown names are skipped, as in AdapterHub
 

@@ -182,7 +182,7 @@ def test_kernel_slots_equal_transformers_formula(spec):
     |d| = max_position - 1 knee included), equal transformers' float32 formula."""
     length = spec.max_relative_positions + 20
     got = attention_triton.kernel_distance_slots(length, spec, "cpu").long()
-    assert torch.equal(got, distance_slot_table(length, spec))
+    assert torch.equal(got, distance_slot_table(length, spec))  # exact: integer slots
 
     # The saturation thresholds of the one-slot shortcut: safe (every distance past them is saturated) and
     # tight (widened by exactly two distances beyond the first saturated one).
@@ -308,6 +308,7 @@ def _drop_run(seed_value, p=0.3):
 def test_dropout_same_seed_is_bitwise_identical_other_seed_differs():
     first, again, other = _drop_run(123), _drop_run(123), _drop_run(124)
     for name, a, b in zip(NAMES, first, again):
+        # exact: one kernel, same inputs and seed, same process (the backward has no atomics)
         assert torch.equal(a, b), f"{name} differs between two runs with the same seed"
     assert not torch.equal(first[0], other[0])
 
@@ -320,6 +321,7 @@ def test_dropout_keep_rate_within_statistical_bounds():
     sigma = ((1 - p) * p / n) ** 0.5
     assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
     # Distinct (row, key) counters and heads do not repeat one pattern.
+    # boolean masks: heads and rows must not repeat one pattern
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
 
 
@@ -355,7 +357,7 @@ def test_backward_is_bitwise_deterministic():
     second = disentangled_attention_backward(grad, *tensors, mask, seed, out, lse, programs=3, block_m=32,
                                              block_n=32, **kw)
     for name, a, b in zip(NAMES[1:], first, second):
-        assert torch.equal(a, b), name
+        assert torch.equal(a, b), name  # exact: the claim is a deterministic (atomic-free) backward
     # ... and they are right: against the 64 x 64 default within float32 rounding.
     reference = disentangled_attention_backward(grad, *tensors, mask, seed, out, lse, **kw)
     for name, a, b in zip(NAMES[1:], first, reference):
@@ -412,7 +414,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
     out = compiled(*leaves)
     out.backward(grad)
     for name, a, b in zip(NAMES, eager, [out.detach()] + [leaf.grad for leaf in leaves]):
-        assert torch.equal(a, b), name
+        assert torch.equal(a, b), name  # exact: compiled code launches the same custom-op kernels on equal inputs
 
 
 def test_custom_op_passes_opcheck():
@@ -526,6 +528,7 @@ def test_bool_and_float_masks_equal_integer_mask():
     out_long, _ = _call(tensors, mask)
     out_bool, _ = _call(tensors, mask.bool())
     out_float, _ = _call(tensors, mask.float())
+    # exact: every mask dtype becomes the same keep predicate inside one kernel
     assert torch.equal(out_long, out_bool) and torch.equal(out_long, out_float)
 
 

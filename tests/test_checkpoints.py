@@ -91,4 +91,4 @@ def test_seeded_initialisation_equals_transformers():
     torch.manual_seed(7)
     fast = deberta_fast.DebertaV2ForSequenceClassification(config)
     for (name, a), (_, b) in zip(reference.state_dict().items(), fast.state_dict().items()):
-        assert torch.equal(a, b), name
+        assert torch.equal(a, b), name  # exact: the same seeded draws, copied into the same modules

@@ -29,7 +29,7 @@ def test_slot_table_matches_transformers(spec_name, length):
     table = distance_slot_table(length, spec)
     i = torch.arange(length)[:, None]
     j = torch.arange(length)[None, :]
-    assert torch.equal(table[i - j + length - 1], expected_c2p)
+    assert torch.equal(table[i - j + length - 1], expected_c2p)  # exact: integer slots
     # p2c: transformers gathers at clamp(-relative(j, i) + S): the same slot of i - j.
     expected_p2c = torch.clamp(-relative + spec.att_span, 0, spec.num_slots - 1).T
     assert torch.equal(table[i - j + length - 1], expected_p2c)

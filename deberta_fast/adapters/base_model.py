@@ -22,7 +22,7 @@ import torch.nn as nn
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 from ..models import DebertaV2Model
-from ..models.base import validate_model_inputs
+from ..models.base import broadcast_mask, validate_model_inputs
 from .base_model_api import BaseModelAdapterAPI
 from .context import AdapterSetup, ForwardContext, snapshot_contexts
 from .methods.prompt_tuning import insert_prompt_mask, prompt_pair_mask
@@ -111,6 +111,7 @@ class DebertaV2ModelWithAdapters(BaseModelAdapterAPI, DebertaV2Model):
         return_dict = config.return_dict if return_dict is None else return_dict
         batch, length = validate_model_inputs(config, input_ids, attention_mask, token_type_ids, position_ids,
                                               inputs_embeds)
+        attention_mask = broadcast_mask(attention_mask, batch)
         setup = context.adapter_setup
         channels = setup.parallel_channels if setup is not None else 1
         if channels > 1 and not context.adapters_parallelized:

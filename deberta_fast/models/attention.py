@@ -16,7 +16,39 @@ from ..ops import disentangled_attention
 from ..ops.dispatch import log_once
 from ..ops.positions import RelativePositionSpec, scale_factor, softmax_scale
 
-KNOWN_POSITION_TYPES = ("c2p", "p2c", "p2p")
+POSITION_TERMS = ("c2p", "p2c")
+# Entries transformers reads as "no term": p2p (a DeBERTa-v1 type it never computes), none / "" ("None" in a config).
+NO_TERM_ENTRIES = ("p2p", "none", "")
+
+
+def attention_constants(module) -> tuple[float, RelativePositionSpec | None]:
+    """(softmax_scale, position_spec) of a DisentangledSelfAttention, with transformers' meaning of its config.
+
+    Reads only attributes transformers' ``__init__`` sets (pos_att_type, relative_attention, position_buckets,
+    max_relative_positions, attention_head_size), so it can validate a transformers module before it is switched.
+    A term is on when ``"c2p"`` / ``"p2c"`` is in pos_att_type (transformers' own membership test; other entries
+    add nothing); the scale counts those terms even without relative attention, as transformers does; with
+    relative attention off or no term on there is no positional part (spec None). Raises ValueError for log
+    buckets whose formula divides by log((max_relative_positions - 1) / (position_buckets // 2)) <= 0: there
+    transformers' positions are non-finite or non-monotone (its output is then undefined or platform-dependent).
+    """
+    pos_att_type = module.pos_att_type if module.pos_att_type is not None else ()
+    c2p, p2c = ("c2p" in pos_att_type), ("p2c" in pos_att_type)
+    if not isinstance(pos_att_type, str):
+        ignored = [t for t in pos_att_type if t not in POSITION_TERMS + NO_TERM_ENTRIES]
+        if ignored:
+            log_once(logging.WARNING, f"pos_att_type entries {ignored} are ignored (transformers ignores them); "
+                                      "the position terms are \"c2p\" and \"p2c\"")
+        if "p2p" in pos_att_type:
+            log_once(logging.INFO, "pos_att_type 'p2p' is ignored, as transformers ignores it")
+    scale = softmax_scale(module.attention_head_size, scale_factor(pos_att_type))
+    if not (module.relative_attention and (c2p or p2c)):
+        return scale, None
+    spec = RelativePositionSpec(
+        c2p=c2p, p2c=p2c, position_buckets=module.position_buckets,
+        max_relative_positions=module.max_relative_positions,
+    )
+    return scale, spec
 
 
 class DisentangledSelfAttention(hf.DisentangledSelfAttention):
@@ -34,23 +66,7 @@ class DisentangledSelfAttention(hf.DisentangledSelfAttention):
         self._derive_attention_constants()
 
     def _derive_attention_constants(self) -> None:
-        unknown = [t for t in self.pos_att_type if t not in KNOWN_POSITION_TYPES]
-        if unknown:
-            raise ValueError(
-                f"config.pos_att_type has unsupported entries {unknown}; expected a subset of "
-                f"{list(KNOWN_POSITION_TYPES)} (for example \"p2c|c2p\")"
-            )
-        if "p2p" in self.pos_att_type:
-            log_once(logging.INFO, "pos_att_type 'p2p' is ignored, as transformers ignores it")
-        self.softmax_scale = softmax_scale(self.attention_head_size, scale_factor(self.pos_att_type))
-        self.position_spec = None
-        if self.relative_attention:
-            self.position_spec = RelativePositionSpec(
-                c2p="c2p" in self.pos_att_type,
-                p2c="p2c" in self.pos_att_type,
-                position_buckets=self.position_buckets,
-                max_relative_positions=self.max_relative_positions,
-            )
+        self.softmax_scale, self.position_spec = attention_constants(self)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[N, L, H·D] -> [N, H, L, D] as a view."""
@@ -115,6 +131,7 @@ class DisentangledSelfAttention(hf.DisentangledSelfAttention):
 
 def fast_attention_from(module: hf.DisentangledSelfAttention) -> DisentangledSelfAttention:
     """Switch a transformers DisentangledSelfAttention to deberta_fast's in place (same parameters)."""
+    constants = attention_constants(module)  # validate before switching: a refused module stays as it was
     module.__class__ = DisentangledSelfAttention
-    module._derive_attention_constants()
+    module.softmax_scale, module.position_spec = constants
     return module

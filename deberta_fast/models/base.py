@@ -32,10 +32,11 @@ def validate_model_inputs(config, input_ids, attention_mask, token_type_ids, pos
         raise ValueError("the input sequence is empty (length 0); at least one token is needed")
     if attention_mask is not None:
         shape = tuple(attention_mask.shape)
-        if shape not in ((batch, length), (batch, length, length), (batch, 1, length, length)):
+        rows = shape[:1] if shape[:1] in ((batch,), (1,)) else None
+        if rows is None or shape[1:] not in ((length,), (length, length), (1, length, length)):
             raise ValueError(
                 f"attention_mask must be [batch, length] = [{batch}, {length}] (or [batch, length, length] / "
-                f"[batch, 1, length, length]) to match the inputs; got {shape}"
+                f"[batch, 1, length, length]; batch 1 is broadcast over the batch) to match the inputs; got {shape}"
             )
     for name, tensor in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
         if tensor is not None and tuple(tensor.shape) not in ((batch, length), (1, length)):
@@ -49,11 +50,19 @@ def validate_model_inputs(config, input_ids, attention_mask, token_type_ids, pos
     return batch, length
 
 
+def broadcast_mask(attention_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A mask of batch 1 expanded (a view) to ``batch`` rows: transformers broadcasts a [1, L] mask over the batch."""
+    if attention_mask is None or attention_mask.shape[0] == batch:
+        return attention_mask
+    return attention_mask.expand(batch, *attention_mask.shape[1:])
+
+
 class DebertaV2Model(hf.DebertaV2Model):
     """transformers' DebertaV2Model on deberta_fast's ops; same arguments and outputs.
 
     Also accepts [B, L, L] and [B, 1, L, L] pair masks end to end (transformers' model rejects them in its
-    embedding layer); the tokens of such a mask are those that attend to anything.
+    embedding layer); the tokens of such a mask are those that attend to anything. A mask with batch 1 applies
+    to every row, as transformers broadcasts a [1, L] mask.
     """
 
     def __init__(self, config):
@@ -80,6 +89,7 @@ class DebertaV2Model(hf.DebertaV2Model):
         batch, length = validate_model_inputs(
             config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
         )
+        attention_mask = broadcast_mask(attention_mask, batch)
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         if input_ids is not None:
             self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)

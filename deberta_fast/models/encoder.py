@@ -50,6 +50,8 @@ class DebertaV2Encoder(hf.DebertaV2Encoder):
                 hidden_states, attention_mask, output_hidden_states, output_attentions, query_states,
                 relative_pos, return_dict,
             )
+        if attention_mask.shape[0] == 1 and hidden_states.shape[0] > 1:  # transformers broadcasts a batch-1 mask
+            attention_mask = attention_mask.expand(hidden_states.shape[0], *attention_mask.shape[1:])
         if attention_mask.dim() <= 2:
             token_mask = attention_mask
             layer_mask = attention_mask

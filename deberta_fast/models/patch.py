@@ -30,23 +30,31 @@ def patch_deberta(model: nn.Module) -> nn.Module:
 
     Works on a DebertaV2Model, any DebertaV2For* head class, or any module that contains one. Idempotent.
     Raises TypeError for a model without DeBERTa-v2 attention (DeBERTa v1 included) and for subclasses of
-    transformers' DeBERTa-v2 modules that deberta_fast does not know.
+    transformers' DeBERTa-v2 modules that deberta_fast does not know, and ValueError for an attention config the
+    op cannot serve. Every module is checked before any is switched, so a refused model is left exactly as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_deberta expects a torch.nn.Module; got {type(model).__name__}")
+    from .attention import attention_constants
+
     table = _switch_table()
-    fast_classes = set(table.values())
+    fast_classes = tuple(table.values())
     found_attention = False
+    switches = []  # (module, deberta_fast class, attention constants or None)
     for name, module in model.named_modules():
         cls = type(module)
-        if issubclass(cls, tuple(fast_classes)):  # deberta_fast's classes and their subclasses (adapters)
+        if issubclass(cls, fast_classes):  # deberta_fast's classes and their subclasses (adapters)
             found_attention |= issubclass(cls, hf.DisentangledSelfAttention)
             continue
         if cls in table:
-            module.__class__ = table[cls]
+            constants = None
             if cls is hf.DisentangledSelfAttention:
-                module._derive_attention_constants()
+                try:
+                    constants = attention_constants(module)
+                except ValueError as error:
+                    raise ValueError(f"patch_deberta: {name}: {error}") from error
                 found_attention = True
+            switches.append((module, table[cls], constants))
             continue
         for hf_cls in table:
             if isinstance(module, hf_cls):
@@ -60,6 +68,10 @@ def patch_deberta(model: nn.Module) -> nn.Module:
         if any(type(m).__module__.startswith("transformers.models.deberta.") for m in model.modules()):
             hint = " (DeBERTa v1 is not supported: deberta_fast implements DeBERTa-v2/v3)"
         raise TypeError(f"patch_deberta: {type(model).__name__} contains no DeBERTa-v2 attention{hint}")
+    for module, fast_cls, constants in switches:
+        module.__class__ = fast_cls
+        if constants is not None:
+            module.softmax_scale, module.position_spec = constants
     return model
 
 
