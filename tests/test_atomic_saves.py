@@ -284,3 +284,15 @@ def test_save_through_a_symlinked_target_keeps_the_link(tmp_path):
     other.load_adapter(str(link))
     assert counters(other, [".loras.a.", "heads.a."]) == {4.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_save_all_heads_into_the_folders_of_save_all_adapters_keeps_both(tmp_path):
+    """AdapterHub's layout of a trainer checkpoint: save_all_adapters(with_head=False), then save_all_heads into the
+    same folder; each <name>/ ends up with the adapter files and the head files."""
+    model = adapter_model()
+    model.save_all_adapters(str(tmp_path), with_head=False)
+    model.save_all_heads(str(tmp_path))
+    assert {"adapter_config.json", "pytorch_adapter.bin", "head_config.json", "pytorch_model_head.bin"} <= \
+        set(os.listdir(tmp_path / "a"))
+    model.save_all_adapters(str(tmp_path), with_head=False)  # and the other order keeps the head files
+    assert {"adapter_config.json", "head_config.json"} <= set(os.listdir(tmp_path / "a"))

@@ -150,6 +150,17 @@ def _exchange(first: str, second: str) -> bool:
     raise OSError(code, os.strerror(code), second)
 
 
+def _carry_over(source: str, destination: str) -> None:
+    """Bring an entry of the old folder into the staging folder: folders copied (files hard-linked where possible),
+    symlinks re-created as links, files hard-linked or copied."""
+    if os.path.isdir(source) and not os.path.islink(source):
+        shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+    elif os.path.islink(source):
+        os.symlink(os.readlink(source), destination)
+    else:
+        _link_or_copy(source, destination)
+
+
 def _keep_unwritten(old_folder: str, new_folder: str, replaced_names) -> None:
     """Copy (hard-link where possible) the files of ``old_folder`` that ``new_folder`` lacks and that
     ``replaced_names`` does not name."""
@@ -159,13 +170,7 @@ def _keep_unwritten(old_folder: str, new_folder: str, replaced_names) -> None:
     for entry in os.listdir(old_folder):
         if entry in written or entry in replaced_names or _SAVE_LEFTOVER.match(entry) or _LEGACY_LEFTOVER.match(entry):
             continue
-        source, destination = os.path.join(old_folder, entry), os.path.join(new_folder, entry)
-        if os.path.isdir(source) and not os.path.islink(source):
-            shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
-        elif os.path.islink(source):
-            os.symlink(os.readlink(source), destination)
-        else:
-            _link_or_copy(source, destination)
+        _carry_over(os.path.join(old_folder, entry), os.path.join(new_folder, entry))
 
 
 @contextlib.contextmanager
@@ -198,13 +203,7 @@ def atomic_directory(target: str, replaces=(), subfolder_replaces=None):
                 if entry in written or replaced(entry) or _LEGACY_LEFTOVER.match(entry) \
                         or _SAVE_LEFTOVER.match(entry):
                     continue
-                source, destination = os.path.join(target, entry), os.path.join(staging, entry)
-                if os.path.isdir(source) and not os.path.islink(source):
-                    shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
-                elif os.path.islink(source):
-                    os.symlink(os.readlink(source), destination)
-                else:
-                    _link_or_copy(source, destination)
+                _carry_over(os.path.join(target, entry), os.path.join(staging, entry))
             _fsync_directory(staging)
             if _exchange(staging, target):
                 pass  # staging now holds the old content, removed below
