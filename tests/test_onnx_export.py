@@ -171,6 +171,30 @@ def test_export_op_matches_reference_around_the_saturation_radius(name, prefix):
                 torch.testing.assert_close(ours[1], reference[1], atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name,lengths", [("v3", (1027, 1100)), ("c2p_only", (300,)), ("p2c_unbucketed", (60,)),
+                                          ("small_buckets", (100,))])
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_export_op_matches_reference_far_beyond_the_radius(name, lengths, prefix):
+    """L > 2R + 1: the lower far region comes from the score GEMM's rank-one terms alone (zeroed by triu in the
+    relative part), the upper far one from the edge column plus v_j; saturation makes both exact (v3: R = 512)."""
+    spec = SPECS[name]
+    assert 2 * saturated_slot_table(spec)[0] + 1 < min(lengths)
+    generator = torch.Generator().manual_seed(11)
+    for length in lengths:
+        batch, heads, dim = 2, 1, 4
+        query = torch.randn(batch, heads, length, dim, generator=generator)
+        key, value = (torch.randn(batch, heads, prefix + length, dim, generator=generator) for _ in range(2))
+        pos_key = torch.randn(1, heads, spec.num_slots, dim, generator=generator)
+        pos_query = torch.randn(batch, heads, spec.num_slots, dim, generator=generator)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[1, length - 37:] = 0
+        mask[0, :5] = 0
+        for attention_mask in (mask, None):
+            call = (query, key, value, pos_key, pos_query, attention_mask, spec, 0.3, 0.0, False, prefix)
+            ours, reference = disentangled_attention_export(*call), disentangled_attention_reference(*call)
+            torch.testing.assert_close(ours[0], reference[0], atol=2e-6, rtol=0)
+
+
 # ---- whole models through ONNX Runtime ----------------------------------------------------------------------------
 
 
@@ -212,6 +236,44 @@ def test_graph_has_no_quadratic_integer_tensor(tmp_path):
     peer = transformers.DebertaV2Model(make_config("v3")).eval()
     found = large_integer_values(export(peer, str(tmp_path / "peer.onnx"), "torchscript"), length)
     assert any(shape[-2:] == (length, length) for _, shape in found)
+
+
+@pytest.mark.parametrize("config_name,length", [("v3", 1100), ("unbucketed", 130), ("small_buckets", 100)])
+def test_onnx_runtime_far_beyond_the_saturation_radius(config_name, length, tmp_path):
+    """Exported at L=9, run at a length past 2R + 1 (v3: 256 buckets, max_relative_positions 512, R = 512; tiny
+    hidden size so that it stays fast), with padding: every far-region pair goes through the saturated constants."""
+    torch.manual_seed(0)
+    config = make_config(config_name, hidden_size=8, num_attention_heads=2, intermediate_size=8, num_hidden_layers=1)
+    model = perturb_(deberta_fast.DebertaV2ForSequenceClassification(config), seed=2).eval()
+    spec = model.deberta.encoder.layer[0].attention.self.position_spec
+    assert 2 * saturated_slot_table(spec)[0] + 1 < length
+    path = export(model, str(tmp_path / "model.onnx"), "torchscript")
+    input_ids, mask = make_inputs(2, length, seed=length)
+    (got,) = run(session(path), input_ids, mask)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=mask).logits.numpy()
+    assert np.abs(got - expected).max() <= TOLERANCE
+
+
+def test_graph_has_no_quadratic_transpose_and_no_double_width_buffer(tmp_path):
+    """The structure that makes the export fast: no Transpose outputs an [L, L] value (p2c is moved to query rows on
+    its [2r + 1, L] band instead), and no value is [L, 2L] or wider (the skew buffer is L + r + 1 wide). Checked at
+    L=41 on a config whose saturation radius is R = 24, so that r = 24 < L - 1."""
+    length = 41
+    model = build("DebertaV2Model", "small_buckets")
+    assert saturated_slot_table(model.encoder.layer[0].attention.self.position_spec)[0] == 24
+    path = export(model, str(tmp_path / "fast.onnx"), "torchscript")
+    graph = onnx.load(path).graph
+    sess = session(path, all_values=True)
+    names = [output.name for output in sess.get_outputs()]
+    input_ids, mask = make_inputs(2, length)
+    values = dict(zip(names, run(sess, input_ids, mask)))
+    for node in graph.node:
+        for name in node.output:
+            shape = np.asarray(values[name]).shape if name in values else ()
+            if node.op_type == "Transpose":
+                assert shape[-2:] != (length, length), (node.name, shape)
+            assert not (len(shape) >= 2 and shape[-2] == length and shape[-1] >= 2 * length), (node.name, shape)
 
 
 # ---- adapter models ------------------------------------------------------------------------------------------------

@@ -9,20 +9,24 @@ O(L) position handling: no [L, L] index tensor (transformers' export builds one,
 
 - Slots. slot(d) is constant for |d| >= R (the saturation radius of the spec: the clamp to [0, 2S - 1] or a
   constant log bucket; R = 512 for 256 buckets and max_relative_positions 512), so the host computes
-  ``table[k] = slot(k - R)`` once per spec, k = 0 .. 2R, with the same torch float32 formula as every backend, and
-  the graph picks the 2R + 1 rows of Pk / Pq at those slots with a constant index: nothing depends on L.
-- Band scores. With r = min(R, L - 1), Cb = s·Q · Pk_bandᵀ [B, H, L, 2r + 1] (column k at distance i - j = r - k)
-  and Eb = s·K · Pq_bandᵀ (column k at distance j - i = r - k, rows = keys): the positional scores of every
-  distance up to r; farther distances take the end columns.
-- Placement on the diagonals without an index ("skew"). Edge padding (Pad, mode edge) turns each row of Cb into
-  2L columns, column u at distance L - 1 - u. Then c2p(i, j) = P[i, L - 1 - i + j]:
-  in the row-major flat buffer F of P that element sits at i·(2L - 1) + (L - 1) + j, so
-  F[L - 1 : L - 1 + L·(2L - 1)] viewed as [L, 2L - 1] holds c2p in its first L columns: a Slice, a Reshape and a
-  Slice. The same placement of Eb gives p2c transposed (row = key j), transposed back.
-
-The key-padding mask enters the content score as one more column of the score GEMM (a 1 in every query, the
-mask bias in every key); a padded query, whose whole row transformers fills with finfo.min, becomes the mean of all
-values.
+  ``table[k] = slot(k - R)`` once per spec, k = 0 .. 2R, with the same torch float32 formula as every backend. With
+  r = min(R, L - 1), the graph reads the 2r + 1 rows of the [B, H, 2S, L] products s·Pk·Qᵀ and s·Pq·Kᵀ at those
+  slots (a Gather of whole rows with a constant index of length 2r + 1: nothing is indexed per pair).
+- Far constants in the score GEMM. For i - j > R (lower far) c2p + p2c = a_i + b_j with a_i = s·Q_i·Pk[slot(R)],
+  b_j = s·K_j·Pq[slot(R)]; both are exact rank-one terms of the content GEMM: K_j + Pk[slot(R)] replaces K_j, and b_j
+  joins the key-mask bias column. Everything else is relative to them: T = c2p + p2c - a_i - b_j is 0 in the lower
+  far region, exactly (``triu`` with diagonal -R zeroes it), and u_i + v_j in the upper far region (j - i > R),
+  u_i = a'_i - a_i and v_j = b'_j - b_j for the primed constants at slot(-R).
+- One band for both terms, in query rows. Z[i, k] at distance d = r - k (k = 0 .. 2r):
+  c2p part s·Q_i·(Pk[slot(d)] - Pk[slot(R)]) straight from the GEMM rows; p2c part s·K_{i-d}·(Pq[slot(d)] -
+  Pq[slot(-R)]), a row of the distance-major product E = s·(Pq - Pq[slot(-R)])·Kᵀ shifted by d: padding E's
+  [2r + 1, L] rows to L + 1 columns and reading the flat buffer from offset r with row stride L shifts row k
+  by k - r (Pad, Slice, Reshape: O(L·r), never [L, L]). One transpose of the [2r + 1, L] band, no [L, L] transpose.
+- Placement on the diagonals ("skew"). Z edge-padded to W = L + r + 1 columns (the upper far cells read Z's last
+  column, d = -r: u_i when r = R, since that p2c part is relative to slot(-R)); in the flat buffer row i,
+  column r + j - i sits at r + i·(W - 1) + j, so buffer[r : r + L·(W - 1)] viewed as [L, W - 1] holds T in its
+  first L columns for every j >= i - r (a Slice, a Reshape and a Slice); the rest (lower far) reads other rows and
+  is zeroed by ``triu``. Adding v_j (a [B, H, 1, L] broadcast) before ``triu`` completes the upper far region.
 """
 
 from __future__ import annotations
@@ -105,52 +109,53 @@ def saturated_slot_table(spec: RelativePositionSpec) -> tuple[int, tuple[int, ..
     return radius, tuple(slots[bound - radius : bound + radius + 1])
 
 
-def _band_rows(table: torch.Tensor, spec: RelativePositionSpec, reverse: bool) -> torch.Tensor:
-    """table [1 or B, H, 2S, D] -> [1 or B, H, 2R + 1, D]: row k is the table row of distance k - R (R - k when
-    ``reverse``), read through the constant slot table (no index depends on L)."""
-    radius, slots = saturated_slot_table(spec)
-    index = torch.tensor(slots[::-1] if reverse else slots, dtype=torch.long, device=table.device)
-    return torch.index_select(table, 2, index)
+def _symbolic_min0(value):
+    """min(value, 0) that stays symbolic: (x - |x|) / 2 in the TorchScript tracer (sizes are traced tensors there),
+    sym_min under torch.export."""
+    return (value - abs(value)) // 2 if torch.jit.is_tracing() else torch.sym_min(value, 0)
 
 
-def _toeplitz(band: torch.Tensor, radius: int) -> torch.Tensor:
-    """[N, H, L, 2R + 1] band scores (column k at distance R - k) -> [N, H, L, L]: out[.., i, j] = band score of
-    row i at distance i - j; |i - j| > R reads the saturated end columns (module docstring)."""
-    batch, heads, length, width = band.shape
-    # Edge padding to 2L columns, column u at distance L - 1 - u (radius <= L - 1: never negative amounts).
-    rows = F.pad(band.reshape(batch * heads, length, width), (length - 1 - radius, length - radius), mode="replicate")
-    flat = rows.reshape(batch, heads, 2 * length * length)
-    window = flat[:, :, length - 1 : length - 1 + length * (2 * length - 1)]
-    return window.reshape(batch, heads, length, 2 * length - 1)[..., :length]
-
-
-def positional_bias(query_scaled, content_key, pos_key, pos_query, spec: RelativePositionSpec, softmax_scale):
-    """c2p + p2c scores [B, H, L, L] (already scaled), or None when the spec has no positional term.
+def positional_terms(query_scaled, content_key, pos_key, pos_query, spec: RelativePositionSpec, softmax_scale):
+    """The positional part of the scores, split as in the module docstring.
 
     query_scaled: s·Q [B, H, L, D]; content_key: K [B, H, L, D]; pos_key / pos_query: [1 or B, H, 2S, D].
+    Returns (key_offset [1 or B, H, 1, D] or None, key_bias [B, H, L] or None, relative [B, H, L, L]) with
+    c2p + p2c = s·Q·key_offsetᵀ (broadcast over keys) + key_bias_j + relative.
     """
-    radius = saturated_slot_table(spec)[0]
-    length = query_scaled.shape[2]
-    # Short sequences reach only distances up to L - 1 < R: the band shrinks to r = min(R, L - 1) on each side
-    # (a negative constant pad crops). min(x, 0) stays symbolic as (x - |x|) / 2 in the TorchScript tracer (sizes are
-    # traced tensors there) and as sym_min under torch.export.
-    excess = length - 1 - radius
-    crop = (excess - abs(excess)) // 2 if torch.jit.is_tracing() else torch.sym_min(excess, 0)
+    radius, slots = saturated_slot_table(spec)
+    batch, heads, length, _ = query_scaled.shape
+    # Short sequences reach only distances up to L - 1 < R: the band shrinks to r = min(R, L - 1) on each side (a
+    # negative constant pad crops the constant slot index).
+    crop = _symbolic_min0(length - 1 - radius)
     reach = radius + crop
+    index = torch.tensor(slots, dtype=torch.long, device=query_scaled.device)
+    lower, upper = index[-1:], index[:1]  # slot(R), slot(-R)
+    band_index = F.pad(index, (crop, crop))  # slot(d) for d = -r .. r
 
-    def band(table, reverse):
-        return F.pad(_band_rows(table, spec, reverse), (0, 0, crop, crop))
-
-    bias = None
+    key_offset = key_bias = distance_major = None
     if spec.c2p:
-        # c2p(i, j) = s·Q_i · Pk[slot(i - j)]: query rows, distance i - j = r - k.
-        bias = _toeplitz(torch.matmul(query_scaled, band(pos_key, True).transpose(-1, -2)), reach)
+        # Rows in decreasing distance d = r .. -r (the band's column order below).
+        key_offset = torch.index_select(pos_key, 2, lower)
+        products = torch.matmul(pos_key - key_offset, query_scaled.transpose(-1, -2))  # [B, H, 2S, L]
+        distance_major = torch.index_select(products, 2, band_index.flip(0))
     if spec.p2c:
-        # p2c(i, j) = s·K_j · Pq[slot(i - j)]: key rows j, distance i - j = -(r - k), transposed after placing.
-        rows = band(pos_query, False) * softmax_scale
-        p2c = _toeplitz(torch.matmul(content_key, rows.transpose(-1, -2)), reach).transpose(-1, -2)
-        bias = p2c if bias is None else bias + p2c
-    return bias
+        table = pos_query * softmax_scale
+        far = torch.index_select(table, 2, torch.cat([lower, upper]))  # rows slot(R), slot(-R)
+        products = torch.matmul(table - far[:, :, 1:], content_key.transpose(-1, -2))  # [B, H, 2S, L], column j
+        rows = torch.index_select(products, 2, band_index)  # increasing d = -r .. r: row k shifts by k - r
+        width = rows.shape[2]
+        flat = F.pad(rows, (0, 1)).reshape(batch, heads, width * (length + 1))
+        shifted = flat[:, :, reach : reach + width * length].reshape(batch, heads, width, length).flip(2)
+        distance_major = shifted if distance_major is None else distance_major + shifted
+        constants = torch.matmul(content_key, torch.cat([far[:, :, :1], far[:, :, 1:] - far[:, :, :1]], 2).transpose(-1, -2))
+        key_bias, upper_bias = constants[..., 0], constants[..., 1]  # b_j and v_j, [B, H, L]
+    band = distance_major.transpose(-1, -2).reshape(batch * heads, length, 2 * reach + 1)
+    width = length + reach + 1
+    buffer = F.pad(band, (0, length - reach), mode="replicate").reshape(batch, heads, length * width)
+    relative = buffer[:, :, reach : reach + length * (width - 1)].reshape(batch, heads, length, width - 1)[..., :length]
+    if spec.p2c:
+        relative = relative + upper_bias[:, :, None, :]
+    return key_offset, key_bias, torch.triu(relative, diagonal=-radius)
 
 
 def disentangled_attention_export(
@@ -170,21 +175,32 @@ def disentangled_attention_export(
     prefix = num_prefix_keys
     query_scaled = query * softmax_scale
     token_mask = attention_mask is not None and attention_mask.dim() == 2
+    content_key = key[:, :, prefix:]
+    key_offset = column = relative = None
+    if spec is not None and spec.any_position_term:
+        key_offset, column, relative = positional_terms(
+            query_scaled, content_key, pos_key, pos_query, spec, softmax_scale
+        )
     if token_mask:
         valid = attention_mask.to(torch.bool)
         lowest = torch.finfo(query.dtype).min
-        # Masked keys get finfo.min through one more GEMM column: s·Q·Kᵀ + 1·bias_j in a single MatMul.
-        key_bias = torch.zeros_like(valid, dtype=query.dtype).masked_fill(~valid, lowest)
+        mask_bias = torch.zeros_like(valid, dtype=query.dtype).masked_fill(~valid, lowest)[:, None, :]
+        column = mask_bias if column is None else column + mask_bias
+    if key_offset is not None:
+        # a_i = s·Q_i·Pk[slot(R)] for every content key: s·Q_i·(K_j + Pk[slot(R)]).
+        shifted = content_key + key_offset
+        key = torch.cat([key[:, :, :prefix], shifted], dim=2) if prefix else shifted
+    if column is not None:
+        # Per-key terms (mask bias, b_j) through one more GEMM column: [s·Q, 1]·[K, bias]ᵀ in a single MatMul.
+        column = column.expand(query.shape[0], key.shape[1], -1)
         if prefix:
-            key_bias = F.pad(key_bias, (prefix, 0))
+            column = F.pad(column, (prefix, 0))
         ones = torch.ones_like(query[..., :1])
-        bias_column = key_bias[:, None, :, None].expand(-1, key.shape[1], -1, -1)
-        scores = torch.matmul(torch.cat([query_scaled, ones], dim=-1), torch.cat([key, bias_column], dim=-1).transpose(-1, -2))
+        scores = torch.matmul(torch.cat([query_scaled, ones], dim=-1), torch.cat([key, column[..., None]], dim=-1).transpose(-1, -2))
     else:
         scores = torch.matmul(query_scaled, key.transpose(-1, -2))
-    if spec is not None and spec.any_position_term:
-        bias = positional_bias(query_scaled, key[:, :, prefix:], pos_key, pos_query, spec, softmax_scale)
-        scores = scores + (F.pad(bias, (prefix, 0)) if prefix else bias)
+    if relative is not None:
+        scores = scores + (F.pad(relative, (prefix, 0)) if prefix else relative)
     if token_mask and prefix:
         # Prefix keys stay valid for a padded query; its content keys are all masked (no mean(V) rows then).
         content = scores[..., prefix:].masked_fill(~valid[:, None, :, None], lowest)
