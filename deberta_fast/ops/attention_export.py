@@ -19,14 +19,19 @@ O(L) position handling: no [L, L] index tensor (transformers' export builds one,
   u_i = a'_i - a_i and v_j = b'_j - b_j for the primed constants at slot(-R).
 - One band for both terms, in query rows. Z[i, k] at distance d = r - k (k = 0 .. 2r):
   c2p part s·Q_i·(Pk[slot(d)] - Pk[slot(R)]) straight from the GEMM rows; p2c part s·K_{i-d}·(Pq[slot(d)] -
-  Pq[slot(-R)]), a row of the distance-major product E = s·(Pq - Pq[slot(-R)])·Kᵀ shifted by d: padding E's
-  [2r + 1, L] rows to L + 1 columns and reading the flat buffer from offset r with row stride L shifts row k
-  by k - r (Pad, Slice, Reshape: O(L·r), never [L, L]). One transpose of the [2r + 1, L] band, no [L, L] transpose.
+  Pq[slot(-R)]), a row of the distance-major product E = s·(Pq - Pq[slot(-R)])·Kᵀ shifted by d: E's [2r + 1, L]
+  rows get a zero column (one zero key more in the GEMM), and reading that flat buffer from offset r with row
+  stride L shifts row k by k - r (a crop and a Reshape: O(L·r), never [L, L]). One transpose of the [2r + 1, L]
+  band; no [L, L] transpose (the [L, L] transpose of p2c costs more than any other op of transformers' export).
 - Placement on the diagonals ("skew"). Z edge-padded to W = L + r + 1 columns (the upper far cells read Z's last
   column, d = -r: u_i when r = R, since that p2c part is relative to slot(-R)); in the flat buffer row i,
   column r + j - i sits at r + i·(W - 1) + j, so buffer[r : r + L·(W - 1)] viewed as [L, W - 1] holds T in its
-  first L columns for every j >= i - r (a Slice, a Reshape and a Slice); the rest (lower far) reads other rows and
+  first L columns for every j >= i - r (a crop, a Reshape and a crop); the rest (lower far) reads other rows and
   is zeroed by ``triu``. Adding v_j (a [B, H, 1, L] broadcast) before ``triu`` completes the upper far region.
+  The v_j term is why a triangle op is needed at all: p2c's far constants depend on the key, and the two far regions
+  differ by v_j, which no edge padding of query rows can produce. W = L + r + 1 rather than the L + 1 of a
+  wrap-around skew: with L + 1 the top-right corner would read the invalid-key cells of the next row's band, and
+  for R < L < 2R the band would not fit.
 """
 
 from __future__ import annotations
@@ -147,7 +152,7 @@ def positional_terms(query_scaled, content_key, pos_key, pos_query, spec: Relati
         rows = torch.index_select(products, 2, band_index)  # increasing d = -r .. r: row k shifts by k - r
         width = rows.shape[2]
         flat = rows.reshape(batch, heads, width * (length + 1))
-        # flat[r : r + width·L] as a crop (ONNX Pad with negative pads copies faster than Slice in ONNX Runtime).
+        # flat[r : r + width·L] (negative pads crop).
         shifted = F.pad(flat, (-reach, -(reach + 1))).reshape(batch, heads, width, length).flip(2)
         distance_major = shifted if distance_major is None else distance_major + shifted
         constants = torch.matmul(content_key, torch.cat([far[:, :, :1], far[:, :, 1:] - far[:, :, :1]], 2).transpose(-1, -2))
