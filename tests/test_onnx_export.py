@@ -238,8 +238,10 @@ def test_graph_has_no_quadratic_integer_tensor(tmp_path):
     assert any(shape[-2:] == (length, length) for _, shape in found)
 
 
-@pytest.mark.parametrize("config_name,length", [("v3", 1100), ("unbucketed", 130), ("small_buckets", 100)])
-def test_onnx_runtime_far_beyond_the_saturation_radius(config_name, length, tmp_path):
+@pytest.mark.parametrize("config_name,length,exporter", [("v3", 1100, "torchscript"), ("unbucketed", 130, "torchscript"),
+                                                    ("small_buckets", 100, "torchscript"),
+                                                    ("small_buckets", 100, "dynamo")])
+def test_onnx_runtime_far_beyond_the_saturation_radius(config_name, length, exporter, tmp_path):
     """Exported at L=9, run at a length past 2R + 1 (v3: 256 buckets, max_relative_positions 512, R = 512; tiny
     hidden size so that it stays fast), with padding: every far-region pair goes through the saturated constants."""
     torch.manual_seed(0)
@@ -247,7 +249,7 @@ def test_onnx_runtime_far_beyond_the_saturation_radius(config_name, length, tmp_
     model = perturb_(deberta_fast.DebertaV2ForSequenceClassification(config), seed=2).eval()
     spec = model.deberta.encoder.layer[0].attention.self.position_spec
     assert 2 * saturated_slot_table(spec)[0] + 1 < length
-    path = export(model, str(tmp_path / "model.onnx"), "torchscript")
+    path = export(model, str(tmp_path / "model.onnx"), exporter)
     input_ids, mask = make_inputs(2, length, seed=length)
     (got,) = run(session(path), input_ids, mask)
     with torch.no_grad():
