@@ -22,7 +22,8 @@ O(L) position handling: no [L, L] index tensor (transformers' export builds one,
   Pq[slot(-R)]), a row of the distance-major product E = s·(Pq - Pq[slot(-R)])·Kᵀ shifted by d: E's [2r + 1, L]
   rows get a zero column (one zero key more in the GEMM), and reading that flat buffer from offset r with row
   stride L shifts row k by k - r (a crop and a Reshape: O(L·r), never [L, L]). One transpose of the [2r + 1, L]
-  band; no [L, L] transpose (the [L, L] transpose of p2c costs more than any other op of transformers' export).
+  band; no [L, L] transpose (in an ORT profile at L=2048 the [L, L] p2c transpose is the costliest non-GEMM op of
+  transformers' export).
 - Placement on the diagonals ("skew"). Z edge-padded to W = L + r + 1 columns (the upper far cells read Z's last
   column, d = -r: u_i when r = R, since that p2c part is relative to slot(-R)); in the flat buffer row i,
   column r + j - i sits at r + i·(W - 1) + j, so buffer[r : r + L·(W - 1)] viewed as [L, W - 1] holds T in its
@@ -32,6 +33,10 @@ O(L) position handling: no [L, L] index tensor (transformers' export builds one,
   differ by v_j, which no edge padding of query rows can produce. W = L + r + 1 rather than the L + 1 of a
   wrap-around skew: with L + 1 the top-right corner would read the invalid-key cells of the next row's band, and
   for R < L < 2R the band would not fit.
+
+The key-padding mask enters the content score through the same extra GEMM column as b_j (a 1 in every query, the
+mask bias in every key); a padded query, whose whole row transformers fills with finfo.min, becomes the mean of all
+values.
 """
 
 from __future__ import annotations
