@@ -188,3 +188,24 @@ def test_non_leaf_weight_and_torch_func_use_torch_embedding():
     leaf = torch.randn(20, 4, requires_grad=True)
     grad = torch.func.grad(lambda w: embedding_rows(ids, w).sum())(leaf)
     torch.testing.assert_close(grad, expected / 2)
+
+
+def test_row_accumulation_does_not_depend_on_the_thread_count():
+    """Exact equality is the claim here: torch's dense += (uncoalesced) sparse gives each thread a fixed range of
+    rows and adds a row's entries in token order, so the thread count cannot change any sum's order."""
+    vocab, dim = 300, 16
+    ids = make_ids(vocab, (4, 128), 0, seed=1)  # many repeats
+    grad_out = torch.randn(4, 128, dim, generator=torch.Generator().manual_seed(9))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            _, fast = pair(vocab, dim, 0)
+            fast(ids).backward(grad_out)
+            fast(ids).backward(grad_out)  # the second one takes the row-wise path
+            results.append(fast.weight.grad)
+    finally:
+        torch.set_num_threads(threads)
+    for grad in results[1:]:
+        assert torch.equal(grad, results[0])

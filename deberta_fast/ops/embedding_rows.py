@@ -7,10 +7,9 @@ rows added in): for DeBERTa-v3's 128100 x 768 word embedding that is 393 MB writ
 when ``.grad`` already exists (``zero_grad(set_to_none=False)``, gradient accumulation over micro-batches)
 AccumulateGrad then adds all V·E elements into it. Here, when this backward pass is about to accumulate into a dense
 ``weight.grad`` (AccumulateGrad of the weight will run, no grad mode, no tensor hooks on the weight), the gradient is
-returned as a coalesced sparse COO tensor of the distinct looked-up rows: AccumulateGrad adds it in place
-(``.grad += sparse``), touching those rows only. ``.grad`` stays dense, so AdamW and every other optimizer see exactly
-torch's values (each row's contributions are summed first, then added: the same sum in another order, fp rounding
-aside). In every other case (no ``.grad`` yet, ``torch.autograd.grad`` capturing the weight's gradient, hooks,
+returned as a sparse COO tensor of the looked-up rows (one entry per token): AccumulateGrad adds it in place
+(``.grad += sparse``), touching those rows only. ``.grad`` stays dense, so AdamW and every other optimizer see
+torch's values (the same sum in another order: rounding may differ in the last bits). In every other case (no ``.grad`` yet, ``torch.autograd.grad`` capturing the weight's gradient, hooks,
 create_graph) the gradient is torch's own dense one. Rows looked up at ``padding_idx`` get no gradient, as in
 ``F.embedding``.
 """
@@ -37,11 +36,14 @@ class _EmbeddingRows(torch.autograd.Function):
         ids = input_ids.reshape(-1)
         grad = grad_output.reshape(ids.numel(), -1)
         if _accumulates_into_dense_grad(ctx, weight, grad):
-            rows, inverse = torch.unique(ids, return_inverse=True)
-            values = grad.new_zeros(rows.numel(), grad.shape[1]).index_add_(0, inverse, grad)
+            values = grad.contiguous()
             if padding_idx is not None:
-                values[rows == padding_idx] = 0
-            sparse = torch.sparse_coo_tensor(rows.unsqueeze(0), values, weight.shape, is_coalesced=True,
+                padded = ids == padding_idx
+                if bool(padded.any()):
+                    values = values.masked_fill(padded.unsqueeze(1), 0)
+            # One entry per looked-up token, repeats included (not coalesced): torch's dense += sparse then gives
+            # every thread its own range of rows and adds a row's entries in token order (no race, no atomics).
+            sparse = torch.sparse_coo_tensor(ids.unsqueeze(0), values, weight.shape, is_coalesced=False,
                                              check_invariants=False)
             return None, sparse, None
         dense = torch.ops.aten.embedding_dense_backward(
