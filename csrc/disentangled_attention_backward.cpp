@@ -14,7 +14,7 @@
 // (pipelined_tasks); afterwards the per-chunk positional partials are added in head and chunk order.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty_like.h>
 
 #include <cmath>
 #include <cstring>
@@ -444,16 +444,25 @@ void backward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mas
   }
 }
 
-// Writes the window accumulator [PB, H, D, W] into a zero table [PB, H, 2S, D] (reversed: sigma -> lo + W-1-sigma).
+// Writes the window accumulator [PB, H, D, W] into the table [PB, H, 2S, D] (reversed: sigma -> lo + W-1-sigma).
 template <typename T>
 void store_window(const float* acc, const Geometry& g, bool reversed, float scale, at::Tensor& table) {
+  // Any strides (the table is allocated in the layout of its input); the slots outside the window get zero.
   T* dst = table.data_ptr<T>();
   const int64_t pb_count = table.size(0), rows = table.size(2), W = g.window, D = g.head_dim;
-  for (int64_t ph = 0; ph < pb_count * g.heads; ++ph) {
-    for (int64_t sigma = 0; sigma < W; ++sigma) {
-      const int64_t slot = reversed ? g.slot_lo + W - 1 - sigma : g.slot_lo + sigma;
-      for (int64_t d = 0; d < D; ++d) {
-        dst[(ph * rows + slot) * D + d] = static_cast<T>(scale * acc[(ph * D + d) * W + sigma]);
+  const int64_t s0 = table.stride(0), s1 = table.stride(1), s2 = table.stride(2), s3 = table.stride(3);
+  for (int64_t pb = 0; pb < pb_count; ++pb) {
+    for (int64_t h = 0; h < g.heads; ++h) {
+      const float* src = acc + (pb * g.heads + h) * D * W;
+      T* base = dst + pb * s0 + h * s1;
+      for (int64_t slot = 0; slot < rows; ++slot) {
+        T* row = base + slot * s2;
+        const int64_t sigma = reversed ? g.slot_lo + W - 1 - slot : slot - g.slot_lo;
+        if (sigma < 0 || sigma >= W) {
+          for (int64_t d = 0; d < D; ++d) row[d * s3] = static_cast<T>(0.f);
+        } else {
+          for (int64_t d = 0; d < D; ++d) row[d * s3] = static_cast<T>(scale * src[d * W + sigma]);
+        }
       }
     }
   }
@@ -490,8 +499,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
   at::Tensor dq = at::empty({g.batch, g.length, g.heads, g.head_dim}, query.options());
   at::Tensor dk = at::empty({g.batch, g.keys, g.heads, g.head_dim}, query.options());
   at::Tensor dv = at::empty({g.batch, g.keys, g.heads, g.value_dim}, query.options());
-  at::Tensor dpk = g.c2p ? at::zeros(pos_key->sizes(), query.options()) : at::empty({0}, query.options());
-  at::Tensor dpq = g.p2c ? at::zeros(pos_query->sizes(), query.options()) : at::empty({0}, query.options());
+  // The positional gradients take the layout of their tables (the model's [PB, 2S, H, D] viewed as [PB, H, 2S, D]),
+  // so the projection backward reads them without a copy; store_window writes every element.
+  at::Tensor dpk = g.c2p ? at::empty_like(*pos_key) : at::empty({0}, query.options());
+  at::Tensor dpq = g.p2c ? at::empty_like(*pos_query) : at::empty({0}, query.options());
   const int64_t W = g.window;
   AlignedBuffer<float> dpk_acc(g.c2p ? g.pos_key_batch * g.heads * W * g.head_dim : 0);
   AlignedBuffer<float> dpq_acc(g.p2c ? g.pos_query_batch * g.heads * W * g.head_dim : 0);

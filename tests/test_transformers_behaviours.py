@@ -27,6 +27,7 @@ from transformers import DebertaV2Config
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 import deberta_fast
+from deberta_fast.models.embedding import RowGradEmbedding
 from configs import perturb_
 
 # The model tester's config (transformers' test_modeling_deberta_v2), and two variants with relative attention.
@@ -405,7 +406,8 @@ def test_resize_token_embeddings(variant, name, flavor):
     with torch.no_grad():
         before = base(**base_inputs)
     grown = model.resize_token_embeddings(vocab + 10)
-    assert type(grown) is torch.nn.Embedding and model.config.vocab_size == vocab + 10
+    # transformers resizes the module in place and keeps its class: deberta_fast's RowGradEmbedding stays one
+    assert type(grown) is RowGradEmbedding and model.config.vocab_size == vocab + 10
     assert grown.weight.shape[0] == vocab + 10
     assert torch.equal(grown.weight[:vocab], kept)  # exact: resizing copies the old rows
     if name == "DebertaV2ForMaskedLM":

@@ -11,7 +11,9 @@ norm_rel_ebd layer_norm, random weights, seed 0 for every column):
   fwd_B8_pad    forward B=8 L=128, 12 layers; rows 1..7 have 64 real tokens then right padding (7 rows half padded)
   fwd_L2048     forward B=1 L=2048, 2 layers
   train_L512    train-mode forward + backward B=1 L=512, 12 layers, dropout on (hidden 0.1, attention 0.1),
-                loss mean(last_hidden_state²)
+                loss mean(last_hidden_state²); gradients cleared after each step as each library's training
+                loop does (transformers: zero_grad(set_to_none=True); deberta_fast: models.embedding.zero_grad,
+                which keeps the word embedding's .grad and zeroes it in place)
 
 Columns:
   transformers        transformers' DebertaV2Model, eager
@@ -51,6 +53,7 @@ import warnings
 import torch
 
 from . import harness
+from ..models.embedding import zero_grad
 from .model import V3_BASE
 
 COLUMNS = ("transformers", "onnxruntime", "deberta_fast", "deberta_fast_bf16", "gemm_floor")
@@ -195,7 +198,10 @@ def column_fn(column: str, work: dict, inputs: dict, onnx_dir: str):
     if train:
         def step(other_inputs=None):
             model(**(other_inputs or inputs)).last_hidden_state.float().pow(2).mean().backward()
-            model.zero_grad(set_to_none=True)
+            if column == "transformers":
+                model.zero_grad(set_to_none=True)
+            else:  # deberta_fast's training loop: the word embedding's .grad is kept, zeroed in place
+                zero_grad(model)
 
         return step
 

@@ -79,7 +79,10 @@ class DisentangledSelfAttention(hf.DisentangledSelfAttention):
         IA³) reaches the positional terms too, as in transformers.
         """
         spec = self.position_spec
-        rel = self.pos_dropout(rel_embeddings)[: spec.num_slots].unsqueeze(0)
+        rel = self.pos_dropout(rel_embeddings)
+        if rel.shape[0] != spec.num_slots:  # a full-length slice would cost a zero-filled copy in its backward
+            rel = rel[: spec.num_slots]
+        rel = rel.unsqueeze(0)
         key_proj = self.key_proj if self.share_att_key else getattr(self, "pos_key_proj", None)
         query_proj = self.query_proj if self.share_att_key else getattr(self, "pos_query_proj", None)
         pos_key = self._heads(key_proj(rel)) if spec.c2p else None

@@ -28,6 +28,9 @@ def _switch_table():
 def patch_deberta(model: nn.Module) -> nn.Module:
     """Make every DeBERTa-v2 attention inside ``model`` run deberta_fast's op; returns ``model``.
 
+    The word embeddings (exact ``nn.Embedding``) become ``RowGradEmbedding`` (models/embedding.py): same forward,
+    their gradient added row by row into a kept ``.grad``.
+
     Works on a DebertaV2Model, any DebertaV2For* head class, or any module that contains one. Idempotent.
     Raises TypeError for a model without DeBERTa-v2 attention (DeBERTa v1 included) and for subclasses of
     transformers' DeBERTa-v2 modules that deberta_fast does not know, and ValueError for an attention config the
@@ -36,6 +39,7 @@ def patch_deberta(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_deberta expects a torch.nn.Module; got {type(model).__name__}")
     from .attention import attention_constants
+    from .embedding import row_grad_embedding_from
 
     table = _switch_table()
     fast_classes = tuple(table.values())
@@ -72,6 +76,9 @@ def patch_deberta(model: nn.Module) -> nn.Module:
         module.__class__ = fast_cls
         if constants is not None:
             module.softmax_scale, module.position_spec = constants
+    for module in model.modules():  # exact nn.Embedding only: same forward, rows-only gradient accumulation
+        if isinstance(module, hf.DebertaV2Embeddings):
+            row_grad_embedding_from(module.word_embeddings)
     return model
 
 

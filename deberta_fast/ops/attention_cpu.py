@@ -157,8 +157,9 @@ def _register_python_rules() -> None:
         def heads_major(t):
             return t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).permute(0, 2, 1, 3)
 
-        dpk = pos_key.new_zeros(pos_key.shape) if pos_key is not None else query.new_empty((0,))
-        dpq = pos_query.new_zeros(pos_query.shape) if pos_query is not None else query.new_empty((0,))
+        # The kernel allocates the positional gradients with empty_like (the layout of each table): same strides here.
+        dpk = torch.empty_like(pos_key) if pos_key is not None else query.new_empty((0,))
+        dpq = torch.empty_like(pos_query) if pos_query is not None else query.new_empty((0,))
         return heads_major(query), heads_major(key), heads_major(value), dpk, dpq
 
     def setup_context(ctx, inputs, output):
@@ -170,6 +171,7 @@ def _register_python_rules() -> None:
         ctx.num_prefix_keys = num_prefix_keys
         ctx.dropout_p = dropout_p
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # lse has no gradient: no zero [B, H, L] tensor is built for it
 
     def backward_rule(ctx, grad_out, grad_lse):
         query, key, value, pos_key, pos_query, token_mask, slot_table, out, lse, pair_mask, seed = ctx.saved_tensors

@@ -17,6 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..models.embedding import zero_grad
 from ..ops.dispatch import use_backend
 from . import checkpoint
 from .data import bundled_path, check_labels, label_names, read_labelled
@@ -267,7 +268,7 @@ def train(options: TrainOptions) -> dict:
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                zero_grad(core, optimizer)  # the word embedding's .grad is kept, zeroed in place
                 state.step += 1
                 state.losses.append(value)
                 tokens += int(mask.sum()) * world.size

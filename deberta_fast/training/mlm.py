@@ -6,6 +6,8 @@ import random
 
 import torch
 
+from ..models.embedding import zero_grad
+
 
 def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, tokenizer, generator: torch.Generator,
                 probability: float = 0.15):
@@ -45,7 +47,7 @@ def masked_lm_warmup(base_model, config, tokenizer, corpus: list[str], steps: in
         loss.backward()
         torch.nn.utils.clip_grad_norm_(mlm.parameters(), 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        zero_grad(mlm, optimizer)  # the word embedding's .grad is kept, zeroed in place
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, steps, loss.item())
