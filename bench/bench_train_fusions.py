@@ -1,0 +1,107 @@
+"""Train step with and without the fused token-wise blocks, in one process, interleaved.
+
+    python bench/bench_train_fusions.py                      # B=1 L=512, 12 layers, 5 repetitions
+    python bench/bench_train_fusions.py --layers 2 --repeats 3
+
+Columns (same weights, v3-base shape, dropout on: hidden 0.1, attention 0.1, loss mean(last_hidden_state²)):
+  transformers    transformers' DebertaV2Model, eager
+  unfused         deberta_fast (native attention op) with transformers' SelfOutput / Intermediate / Output blocks:
+                  addmm -> dropout -> add -> LayerNorm, addmm -> gelu (what the train step ran before the fusions)
+  fused           deberta_fast as shipped: residual_layernorm and bias_gelu (deberta_fast.models.output_blocks)
+
+Each repetition runs every column once in turn, so drifting machine load hits them alike; the table gives medians
+and each column's ratio to transformers and to unfused. Writes bench/results/train_fusions.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import statistics
+import time
+
+import torch
+from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
+
+from deberta_fast.benchmark import cpu_model
+from deberta_fast.models.output_blocks import DebertaV2Intermediate, DebertaV2Output, DebertaV2SelfOutput
+
+UNFUSE = {DebertaV2SelfOutput: hf.DebertaV2SelfOutput, DebertaV2Intermediate: hf.DebertaV2Intermediate,
+          DebertaV2Output: hf.DebertaV2Output}
+
+
+def unfused(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its fused blocks switched back to transformers' classes (same parameters), in place."""
+    switched = 0
+    for module in model.modules():
+        if type(module) in UNFUSE:
+            module.__class__ = UNFUSE[type(module)]
+            switched += 1
+    if not switched:
+        raise TypeError("the model has no deberta_fast output blocks to switch back")
+    return model
+
+
+def train_step(model, inputs):
+    def step():
+        model(**inputs).last_hidden_state.float().pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_fusions.csv"))
+    args = parser.parse_args(argv)
+    work = dict(name="train", batch=1, length=args.length, layers=args.layers, train=True, padded=None)
+    inputs = cpu_model.make_inputs(work)
+    reference = cpu_model.transformers_model(args.layers, train=True)
+    fused = cpu_model.fast_model(reference).train()
+    steps = {
+        "transformers": train_step(reference, inputs),
+        "unfused": train_step(unfused(copy.deepcopy(fused)), inputs),
+        "fused": train_step(fused, inputs),
+    }
+    for step in steps.values():  # warm-up: native op build / load, allocator, oneDNN primitives
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"train step B=1 L={args.length}, {args.layers} layers, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} interleaved repetitions")
+    print("| column | median s | vs transformers | vs unfused | all runs (s) |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for name, median in medians.items():
+        to_hf, to_unfused = medians["transformers"] / median, medians["unfused"] / median
+        runs = " ".join(f"{t:.3f}" for t in times[name])
+        print(f"| {name} | {median:.3f} | {to_hf:.2f}x | {to_unfused:.2f}x | {runs} |")
+        rows.append({"column": name, "layers": args.layers, "length": args.length, "median_s": f"{median:.4f}",
+                     "speedup_vs_transformers": f"{to_hf:.3f}", "speedup_vs_unfused": f"{to_unfused:.3f}",
+                     "runs_s": runs, "threads": torch.get_num_threads()})
+    # Per-repetition ratios: under drifting load the paired ratio is steadier than the ratio of medians.
+    paired = [u / f for u, f in zip(times["unfused"], times["fused"])]
+    print(f"paired unfused / fused per repetition: {' '.join(f'{r:.2f}' for r in paired)} "
+          f"(median {statistics.median(paired):.2f})")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    temporary = args.out + ".tmp"
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
