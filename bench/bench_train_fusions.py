@@ -2,6 +2,7 @@
 
     python bench/bench_train_fusions.py                      # B=1 L=512, 12 layers, 5 repetitions
     python bench/bench_train_fusions.py --layers 2 --repeats 3
+    python bench/bench_train_fusions.py --blocks             # one block's forward + backward, many repetitions
 
 Columns (same weights, v3-base shape, dropout on: hidden 0.1, attention 0.1, loss mean(last_hidden_state²)):
   transformers    transformers' DebertaV2Model, eager
@@ -11,6 +12,10 @@ Columns (same weights, v3-base shape, dropout on: hidden 0.1, attention 0.1, los
 
 Each repetition runs every column once in turn, so drifting machine load hits them alike; the table gives medians
 and each column's ratio to transformers and to unfused. Writes bench/results/train_fusions.csv.
+
+``--blocks`` times the blocks alone instead (forward + backward of one attention-output block, one intermediate and
+one FFN-output block at B=1 L=512, v3-base widths, train mode, transformers' class against the fused one on the same
+weights, interleaved, --repeats 50 by default): the part of the step the fusions change, without the GEMM-bound rest.
 """
 
 from __future__ import annotations
@@ -52,13 +57,86 @@ def train_step(model, inputs):
     return step
 
 
+def block_columns(length: int):
+    """(name, transformers' block, fused block, inputs) of the three token-wise blocks of one v3-base layer."""
+    from transformers import DebertaV2Config
+
+    from deberta_fast.benchmark.model import V3_BASE
+
+    config = DebertaV2Config(num_hidden_layers=1, **V3_BASE)
+    torch.manual_seed(0)
+    hidden, ffn = config.hidden_size, config.intermediate_size
+    cases = []
+    for name, cls, width, two_inputs in (("attention output", hf.DebertaV2SelfOutput, hidden, True),
+                                         ("intermediate", hf.DebertaV2Intermediate, hidden, False),
+                                         ("FFN output", hf.DebertaV2Output, ffn, True)):
+        plain = cls(config).train()
+        fused = copy.deepcopy(plain)
+        fused.__class__ = {v: k for k, v in UNFUSE.items()}[cls]
+        inputs = [torch.randn(1, length, width, requires_grad=True)]
+        if two_inputs:
+            inputs.append(torch.randn(1, length, hidden, requires_grad=True))
+        cases.append((name, plain, fused, inputs))
+    return cases
+
+
+def time_blocks(length: int, repeats: int) -> list[dict]:
+    rows = []
+    for name, plain, fused, inputs in block_columns(length):
+        def step(block):
+            out = block(*inputs)
+            out.backward(torch.ones_like(out))
+
+        times = {"transformers": [], "fused": []}
+        for _ in range(3):
+            step(plain), step(fused)
+        for _ in range(repeats):
+            for column, block in (("transformers", plain), ("fused", fused)):
+                start = time.perf_counter()
+                step(block)
+                times[column].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        low = {k: min(v) for k, v in times.items()}
+        rows.append({"block": name, "transformers_median_ms": f"{1e3 * med['transformers']:.3f}",
+                     "fused_median_ms": f"{1e3 * med['fused']:.3f}",
+                     "speedup_median": f"{med['transformers'] / med['fused']:.3f}",
+                     "transformers_min_ms": f"{1e3 * low['transformers']:.3f}", "fused_min_ms": f"{1e3 * low['fused']:.3f}",
+                     "speedup_min": f"{low['transformers'] / low['fused']:.3f}", "threads": torch.get_num_threads()})
+    print(f"one block, forward + backward (GEMMs included), B=1 L={length}, v3-base widths, train mode, "
+          f"{repeats} interleaved repetitions, {torch.get_num_threads()} threads")
+    print("| block | transformers ms (median / min) | fused ms (median / min) | speed-up (median / min) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['block']} | {r['transformers_median_ms']} / {r['transformers_min_ms']} | {r['fused_median_ms']} / "
+              f"{r['fused_min_ms']} | {r['speedup_median']}x / {r['speedup_min']}x |")
+    return rows
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_fusions.csv"))
+    parser.add_argument("--repeats", type=int, default=None, help="5 for the train step, 50 with --blocks")
+    parser.add_argument("--blocks", action="store_true", help="time the three token-wise blocks alone")
+    parser.add_argument("--out", default=None, help="CSV path (default bench/results/train_fusions[_blocks].csv)")
     args = parser.parse_args(argv)
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if args.blocks:
+        rows = time_blocks(args.length, args.repeats or 50)
+        write_csv(rows, args.out or os.path.join(results, "train_fusions_blocks.csv"))
+        return
+    args.repeats = args.repeats or 5
     work = dict(name="train", batch=1, length=args.length, layers=args.layers, train=True, padded=None)
     inputs = cpu_model.make_inputs(work)
     reference = cpu_model.transformers_model(args.layers, train=True)
@@ -93,14 +171,7 @@ def main(argv=None) -> None:
     paired = [u / f for u, f in zip(times["unfused"], times["fused"])]
     print(f"paired unfused / fused per repetition: {' '.join(f'{r:.2f}' for r in paired)} "
           f"(median {statistics.median(paired):.2f})")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    temporary = args.out + ".tmp"
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, args.out)
-    print(f"wrote {args.out}")
+    write_csv(rows, args.out or os.path.join(results, "train_fusions.csv"))
 
 
 if __name__ == "__main__":

@@ -16,34 +16,47 @@ namespace {
 
 at::Tensor as_float_vector(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+using rows::FVec;
+constexpr int64_t kLanes = FVec::size();
+
 template <typename T>
 void forward_rows(const T* x, const float* bias, const T* residual, const float* gamma, const float* beta, float eps,
                   const HiddenDropout& drop, int64_t num_rows, int64_t width, T* y, T* h_out, float* mean,
                   float* rstd) {
+  const int64_t vec_end = width - width % kLanes;
+  const float inv_width = 1.f / static_cast<float>(width);
   at::parallel_for(0, num_rows, 8, [&](int64_t r0, int64_t r1) {
     std::vector<float> scratch(4 * width);
     float *xb = scratch.data(), *rb = xb + width, *hb = rb + width, *fb = hb + width;
     for (int64_t r = r0; r < r1; ++r) {
       const float* xs = rows::as_float(x + r * width, xb, width);
       const float* rs = rows::as_float(residual + r * width, rb, width);
-      if (bias != nullptr) {
-        for (int64_t c = 0; c < width; ++c) hb[c] = xs[c] + bias[c];
-      } else {
-        for (int64_t c = 0; c < width; ++c) hb[c] = xs[c];
+      if (drop.on()) drop.row_factors(r, width, fb);
+      // h = (x + bias) * factor + residual; the branches are the same for every column of the call.
+      for (int64_t c = 0; c < vec_end; c += kLanes) {
+        FVec v = FVec::loadu(xs + c);
+        if (bias != nullptr) v = v + FVec::loadu(bias + c);
+        if (drop.on()) v = v * FVec::loadu(fb + c);
+        (v + FVec::loadu(rs + c)).store(hb + c);
       }
-      if (drop.on()) {
-        drop.row_factors(r, width, fb);
-        for (int64_t c = 0; c < width; ++c) hb[c] *= fb[c];
+      for (int64_t c = vec_end; c < width; ++c) {
+        float v = xs[c] + (bias != nullptr ? bias[c] : 0.f);
+        if (drop.on()) v *= fb[c];
+        hb[c] = v + rs[c];
       }
-      for (int64_t c = 0; c < width; ++c) hb[c] += rs[c];
       rows::round_to<T>(hb, width);  // LayerNorm normalises h as the tensor dtype holds it
-      const float m = rows::sum(hb, width) / static_cast<float>(width);
-      const float s = 1.f / std::sqrt(rows::squared_deviation(hb, m, width) / static_cast<float>(width) + eps);
+      const float m = rows::sum(hb, width) * inv_width;
+      const float s = 1.f / std::sqrt(rows::squared_deviation(hb, m, width) * inv_width + eps);
       mean[r] = m;
       rstd[r] = s;
       if (h_out != nullptr) rows::store(hb, h_out + r * width, width);
       float* out = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * width) : xb;
-      for (int64_t c = 0; c < width; ++c) out[c] = (hb[c] - m) * s * gamma[c] + beta[c];
+      const FVec mv(m), sv(s);
+      for (int64_t c = 0; c < vec_end; c += kLanes) {
+        const FVec xh = (FVec::loadu(hb + c) - mv) * sv;
+        at::vec::fmadd(xh, FVec::loadu(gamma + c), FVec::loadu(beta + c)).store(out + c);
+      }
+      for (int64_t c = vec_end; c < width; ++c) out[c] = (hb[c] - m) * s * gamma[c] + beta[c];
       rows::store(out, y + r * width, width);
     }
   });
@@ -53,6 +66,8 @@ template <typename T>
 void backward_rows(const T* dy, const T* h, const float* mean, const float* rstd, const float* gamma,
                    const HiddenDropout& drop, bool bias_grad, int64_t num_rows, int64_t width, T* dh_out, T* dx_out,
                    std::vector<float>& partial, int64_t block_rows, int64_t blocks) {
+  const int64_t vec_end = width - width % kLanes;
+  const float inv_width = 1.f / static_cast<float>(width);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> scratch(6 * width);
     float *dyb = scratch.data(), *hb = dyb + width, *xh = hb + width, *g = xh + width, *dh = g + width,
@@ -67,26 +82,48 @@ void backward_rows(const T* dy, const T* h, const float* mean, const float* rstd
         const float* dys = rows::as_float(dy + r * width, dyb, width);
         const float* hs = rows::as_float(h + r * width, hb, width);
         const float m = mean[r], s = rstd[r];
-        for (int64_t c = 0; c < width; ++c) {
+        // xhat, g = dy * gamma, the column partials of d gamma and d beta, and the row sums of g and g * xhat.
+        const FVec mv(m), sv(s);
+        FVec g_acc(0.f), gx_acc(0.f);
+        for (int64_t c = 0; c < vec_end; c += kLanes) {
+          const FVec d = FVec::loadu(dys + c);
+          const FVec xv = (FVec::loadu(hs + c) - mv) * sv;
+          const FVec gv = d * FVec::loadu(gamma + c);
+          xv.store(xh + c);
+          gv.store(g + c);
+          at::vec::fmadd(d, xv, FVec::loadu(p_gamma + c)).store(p_gamma + c);
+          (FVec::loadu(p_beta + c) + d).store(p_beta + c);
+          g_acc = g_acc + gv;
+          gx_acc = at::vec::fmadd(gv, xv, gx_acc);
+        }
+        float g_sum = rows::lanes_total(g_acc), gx_sum = rows::lanes_total(gx_acc);
+        for (int64_t c = vec_end; c < width; ++c) {
           xh[c] = (hs[c] - m) * s;
           g[c] = dys[c] * gamma[c];
           p_gamma[c] += dys[c] * xh[c];
           p_beta[c] += dys[c];
+          g_sum += g[c];
+          gx_sum += g[c] * xh[c];
         }
-        const float inv = 1.f / static_cast<float>(width);
-        const float g_mean = rows::sum(g, width) * inv, gx_mean = rows::dot(g, xh, width) * inv;
-        for (int64_t c = 0; c < width; ++c) dh[c] = s * (g[c] - g_mean - xh[c] * gx_mean);
+        const float g_mean = g_sum * inv_width, gx_mean = gx_sum * inv_width;
+        // d h = rstd (g - mean(g) - xhat mean(g xhat)); d x = d h * factor; d bias += d x.
+        if (drop.on()) drop.row_factors(r, width, fb);
+        const FVec gm(g_mean), gxm(gx_mean);
+        for (int64_t c = 0; c < vec_end; c += kLanes) {
+          const FVec dv = sv * (FVec::loadu(g + c) - gm - FVec::loadu(xh + c) * gxm);
+          dv.store(dh + c);
+          const FVec dxv = drop.on() ? dv * FVec::loadu(fb + c) : dv;
+          if (drop.on()) dxv.store(fb + c);
+          if (bias_grad) (FVec::loadu(p_bias + c) + dxv).store(p_bias + c);
+        }
+        for (int64_t c = vec_end; c < width; ++c) {
+          dh[c] = s * (g[c] - g_mean - xh[c] * gx_mean);
+          const float dxv = drop.on() ? dh[c] * fb[c] : dh[c];
+          if (drop.on()) fb[c] = dxv;
+          if (bias_grad) p_bias[c] += dxv;
+        }
         rows::store(dh, dh_out + r * width, width);
-        if (drop.on()) {
-          drop.row_factors(r, width, fb);
-          for (int64_t c = 0; c < width; ++c) fb[c] *= dh[c];
-          rows::store(fb, dx_out + r * width, width);
-          if (bias_grad) {
-            for (int64_t c = 0; c < width; ++c) p_bias[c] += fb[c];
-          }
-        } else if (bias_grad) {
-          for (int64_t c = 0; c < width; ++c) p_bias[c] += dh[c];
-        }
+        if (drop.on()) rows::store(fb, dx_out + r * width, width);
       }
     }
   });

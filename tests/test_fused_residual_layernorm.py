@@ -90,18 +90,20 @@ def grads_of(y, tensors, grad_y):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cols", (37, 200))  # scalar only; three 64-column vector calls and a scalar tail
 @pytest.mark.parametrize("seed", (0, 12345, 2**40 + 977, 2**62 - 1))
 @pytest.mark.parametrize("dropout_p", (0.1, 0.5, 0.9))
-def test_native_keep_mask_equals_the_pytorch_mirror(seed, dropout_p):
-    native = torch.ops.deberta_fast_cpu.hidden_dropout_keep_mask(torch.tensor([seed]), 29, 37, dropout_p)
-    mirror = rln.hidden_keep_mask(seed, 29, 37, dropout_p)
+def test_native_keep_mask_equals_the_pytorch_mirror(seed, dropout_p, cols):
+    native = torch.ops.deberta_fast_cpu.hidden_dropout_keep_mask(torch.tensor([seed]), 29, cols, dropout_p)
+    mirror = rln.hidden_keep_mask(seed, 29, cols, dropout_p)
     # Exact: integer Philox and one float32 product and comparison, the same on every CPU.
     assert native.dtype == torch.bool and torch.equal(native, mirror), f"{(native != mirror).sum()} decisions differ"
 
 
 def test_keep_rate_and_independence_statistics():
-    """Keep rate 1 - p and agreement p² + (1 - p)² between neighbouring rows, columns, successive draws and the
-    attention stream of the same seed, each within 5 binomial standard deviations."""
+    """Keep rate 1 - p and agreement p² + (1 - p)² between neighbouring rows, columns, columns 16 apart (other words
+    of the same Philox call), successive draws and the attention stream of the same seed, each within 5 binomial
+    standard deviations."""
     dropout_p, rows, cols = 0.1, 512, 768
     torch.manual_seed(0)
     seed, following = draw_seed(), draw_seed()
@@ -118,6 +120,7 @@ def test_keep_rate_and_independence_statistics():
     for what, (a, b) in {
         "rows": (mask[1:], mask[:-1]),
         "columns": (mask[:, 1:], mask[:, :-1]),
+        "columns 16 apart": (mask[:, 16:], mask[:, :-16]),
         "successive calls": (after, mask),
         "attention stream, same seed": (attention, mask),
     }.items():

@@ -15,8 +15,9 @@ GEMM. Backends (``deberta_fast.ops.dispatch``):
 - ``reference``: plain torch ops with torch's own dropout (the bernoulli draws transformers makes, in the same order).
 
 Dropout on the native op is counter-based (``hidden_keep_mask``): element (row, col) of the 2-D view [rows, H] is
-kept when Philox4x32-10 of counters (row, 0, col, 1) under the call's seed passes the attention dropout's threshold
-test (``attention_dropout``, last counter 1 instead of 0), kept values scaled by 1 / (1 - p). The seed is drawn per
+decided by word (col div 16) mod 4 of Philox4x32-10 on counters (row, 0, 16·(col div 64) + col mod 16, 1) under the
+call's seed (one call, four words, four elements), with the attention dropout's threshold test on that word
+(``attention_dropout``; the attention stream's last counter is 0), kept values scaled by 1 / (1 - p). The seed is drawn per
 call from torch's default CPU generator (``torch.manual_seed`` makes runs repeatable); the backward pass regenerates
 the mask instead of storing it. It is not torch's bernoulli stream: ``reference`` reproduces transformers' masks.
 
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from . import attention_cpu, dispatch
-from .attention_dropout import _UNIFORM_SCALE, draw_seed, philox_word0
+from .attention_dropout import _KEY_A, _KEY_B, _MASK32, _ROUND_A, _ROUND_B, _UNIFORM_SCALE, PHILOX_ROUNDS, \
+    _mul_wide, draw_seed
 
 OP_NAME = "residual_layernorm"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -62,11 +64,26 @@ def hidden_keep_mask(seed, rows: int, cols: int, dropout_p: float) -> torch.Tens
     row = torch.arange(rows, dtype=torch.int64).view(-1, 1)
     col = torch.arange(cols, dtype=torch.int64).view(1, -1)
     zero = torch.zeros((), dtype=torch.int64)
-    word = philox_word0(row, zero, col, zero + HIDDEN_STREAM, seed)
+    words = _philox4(row, zero, 16 * (col // 64) + col % 16, zero + HIDDEN_STREAM, seed)
+    pick = ((col // 16) % 4).expand(rows, cols)
+    word = torch.where(pick == 0, words[0], torch.where(pick == 1, words[1], torch.where(pick == 2, words[2],
+                                                                                          words[3])))
     signed = torch.where(word >= 2**31, word - 2**32, word)
     folded = torch.where(signed < 0, -signed - 1, signed)
     uniform = folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
     return uniform >= torch.tensor(dropout_p, dtype=torch.float32)
+
+
+def _philox4(c0, c1, c2, c3, seed: int) -> tuple[torch.Tensor, ...]:
+    """The four output words (int64 tensors holding uint32) of Philox4x32-10 on broadcastable int64 counters."""
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(PHILOX_ROUNDS):
+        a_hi, a_lo = _mul_wide(c0, _ROUND_A)
+        b_hi, b_lo = _mul_wide(c2, _ROUND_B)
+        c0, c2, c1, c3 = b_hi ^ c1 ^ k0, a_hi ^ c3 ^ k1, b_lo, a_lo
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
 
 
 def check_inputs(x, bias, residual, weight, beta, eps, dropout_p) -> None:
