@@ -16,6 +16,7 @@ and each column's ratio to transformers and to unfused. Writes bench/results/tra
 ``--blocks`` times the blocks alone instead (forward + backward of one attention-output block, one intermediate and
 one FFN-output block at B=1 L=512, v3-base widths, train mode, transformers' class against the fused one on the same
 weights, interleaved, --repeats 50 by default): the part of the step the fusions change, without the GEMM-bound rest.
+On a loaded machine ``--blocks --threads 1 --clock cpu`` (this process's CPU time) is far steadier than wall time.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def block_columns(length: int):
     return cases
 
 
-def time_blocks(length: int, repeats: int) -> list[dict]:
+def time_blocks(length: int, repeats: int, clock: str = "wall") -> list[dict]:
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     rows = []
     for name, plain, fused, inputs in block_columns(length):
         def step(block):
@@ -92,18 +94,19 @@ def time_blocks(length: int, repeats: int) -> list[dict]:
             step(plain), step(fused)
         for _ in range(repeats):
             for column, block in (("transformers", plain), ("fused", fused)):
-                start = time.perf_counter()
+                start = timer()
                 step(block)
-                times[column].append(time.perf_counter() - start)
+                times[column].append(timer() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
         low = {k: min(v) for k, v in times.items()}
         rows.append({"block": name, "transformers_median_ms": f"{1e3 * med['transformers']:.3f}",
                      "fused_median_ms": f"{1e3 * med['fused']:.3f}",
                      "speedup_median": f"{med['transformers'] / med['fused']:.3f}",
                      "transformers_min_ms": f"{1e3 * low['transformers']:.3f}", "fused_min_ms": f"{1e3 * low['fused']:.3f}",
-                     "speedup_min": f"{low['transformers'] / low['fused']:.3f}", "threads": torch.get_num_threads()})
+                     "speedup_min": f"{low['transformers'] / low['fused']:.3f}", "threads": torch.get_num_threads(),
+                     "clock": clock})
     print(f"one block, forward + backward (GEMMs included), B=1 L={length}, v3-base widths, train mode, "
-          f"{repeats} interleaved repetitions, {torch.get_num_threads()} threads")
+          f"{repeats} interleaved repetitions, {torch.get_num_threads()} threads, {clock} clock")
     print("| block | transformers ms (median / min) | fused ms (median / min) | speed-up (median / min) |")
     print("|---|---|---|---|")
     for r in rows:
@@ -129,11 +132,17 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=None, help="5 for the train step, 50 with --blocks")
     parser.add_argument("--blocks", action="store_true", help="time the three token-wise blocks alone")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a loaded machine; "
+                             "meaningful with --threads 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
     parser.add_argument("--out", default=None, help="CSV path (default bench/results/train_fusions[_blocks].csv)")
     args = parser.parse_args(argv)
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.blocks:
-        rows = time_blocks(args.length, args.repeats or 50)
+        rows = time_blocks(args.length, args.repeats or 50, args.clock)
         write_csv(rows, args.out or os.path.join(results, "train_fusions_blocks.csv"))
         return
     args.repeats = args.repeats or 5
@@ -148,15 +157,16 @@ def main(argv=None) -> None:
     }
     for step in steps.values():  # warm-up: native op build / load, allocator, oneDNN primitives
         step()
+    timer = time.process_time if args.clock == "cpu" else time.perf_counter
     times = {name: [] for name in steps}
     for _ in range(args.repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = timer()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timer() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"train step B=1 L={args.length}, {args.layers} layers, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved repetitions")
+          f"median of {args.repeats} interleaved repetitions, {args.clock} clock")
     print("| column | median s | vs transformers | vs unfused | all runs (s) |")
     print("|---|---|---|---|---|")
     rows = []
@@ -166,7 +176,7 @@ def main(argv=None) -> None:
         print(f"| {name} | {median:.3f} | {to_hf:.2f}x | {to_unfused:.2f}x | {runs} |")
         rows.append({"column": name, "layers": args.layers, "length": args.length, "median_s": f"{median:.4f}",
                      "speedup_vs_transformers": f"{to_hf:.3f}", "speedup_vs_unfused": f"{to_unfused:.3f}",
-                     "runs_s": runs, "threads": torch.get_num_threads()})
+                     "runs_s": runs, "threads": torch.get_num_threads(), "clock": args.clock})
     # Per-repetition ratios: under drifting load the paired ratio is steadier than the ratio of medians.
     paired = [u / f for u, f in zip(times["unfused"], times["fused"])]
     print(f"paired unfused / fused per repetition: {' '.join(f'{r:.2f}' for r in paired)} "

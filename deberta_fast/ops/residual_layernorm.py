@@ -139,9 +139,13 @@ def _register_rules() -> str:
         ctx.dropout_p = dropout_p
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(h, mean, rstd)
+        ctx.set_materialize_grads(False)  # no zero [rows, H] gradient for h, which nothing differentiates
+
 
     def backward_rule(ctx, grad_y, _grad_h, _grad_mean, _grad_rstd):
         h, mean, rstd, weight, seed = ctx.saved_tensors
+        if grad_y is None:
+            return (None,) * 9
         bias_grad = ctx.has_bias and ctx.needs_input_grad[1]
         dh, dx, dbias, dweight, dbeta = torch.ops.deberta_fast_cpu.residual_layernorm_backward(
             grad_y, h, mean, rstd, weight, seed, ctx.dropout_p, bias_grad,
