@@ -169,8 +169,11 @@ def test_model_forward_survives_a_failing_native_op(monkeypatch, fresh_dispatch)
     torch.manual_seed(0)
     model = deberta_fast.DebertaV2ForSequenceClassification(make_config("v3")).eval()
     ids = torch.randint(1, 97, (2, 10))
-    with dispatch.use_backend("reference"):
+    # The attention on the reference, every other op (the fused output blocks) on auto, as in the run below.
+    deberta_fast.set_attention_backend(model, "reference")
+    with dispatch.use_backend("auto"):
         expected = model(input_ids=ids).logits
+    deberta_fast.set_attention_backend(model, None)
 
     def broken_native_op(*call):
         raise RuntimeError("simulated launch failure")

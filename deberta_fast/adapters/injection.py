@@ -25,6 +25,7 @@ import torch.nn as nn
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 from ..models.attention import DisentangledSelfAttention
+from ..models.output_blocks import DebertaV2Output, DebertaV2SelfOutput
 from .attention import DisentangledSelfAttentionWithAdapters
 from .base_model import DebertaV2LayerWithAdapters, attach_model_parts
 from .methods.bottleneck import BottleneckLayerMixin
@@ -37,7 +38,7 @@ from .methods.reft import ReftLayer
 __all__ = ["DebertaV2OutputWithAdapters", "DebertaV2SelfOutputWithAdapters", "inject_adapter_layers"]
 
 
-class DebertaV2SelfOutputWithAdapters(BottleneckLayerMixin, hf.DebertaV2SelfOutput):
+class DebertaV2SelfOutputWithAdapters(BottleneckLayerMixin, DebertaV2SelfOutput):
     """transformers' attention output block with bottleneck adapters around its LayerNorm."""
 
     def forward(self, hidden_states, input_tensor):
@@ -45,7 +46,7 @@ class DebertaV2SelfOutputWithAdapters(BottleneckLayerMixin, hf.DebertaV2SelfOutp
         return self.adapter_layer_forward(h, input_tensor, self.LayerNorm)
 
 
-class DebertaV2OutputWithAdapters(BottleneckLayerMixin, hf.DebertaV2Output):
+class DebertaV2OutputWithAdapters(BottleneckLayerMixin, DebertaV2Output):
     """transformers' feed-forward output block with bottleneck adapters around its LayerNorm."""
 
     def forward(self, hidden_states, input_tensor):
@@ -53,9 +54,9 @@ class DebertaV2OutputWithAdapters(BottleneckLayerMixin, hf.DebertaV2Output):
         return self.adapter_layer_forward(h, input_tensor, self.LayerNorm)
 
 
-def _switch(module: nn.Module, expected: type, new_class: type, where: str) -> nn.Module:
-    if type(module) is not expected:
-        raise TypeError(f"{where} is a {type(module).__qualname__}; expected transformers' {expected.__name__}")
+def _switch(module: nn.Module, expected: tuple[type, ...], new_class: type, where: str) -> nn.Module:
+    if type(module) not in expected:
+        raise TypeError(f"{where} is a {type(module).__qualname__}; expected transformers' {expected[0].__name__}")
     module.__class__ = new_class
     return module
 
@@ -81,11 +82,11 @@ def inject_adapter_layers(base_model: nn.Module, registry) -> None:
     attach_model_parts(base_model, registry, pool, prompt, invertible)
     for i, layer in enumerate(base_model.encoder.layer):
         if not isinstance(layer, DebertaV2LayerWithAdapters):
-            _switch(layer, hf.DebertaV2Layer, DebertaV2LayerWithAdapters, f"encoder.layer.{i}")
+            _switch(layer, (hf.DebertaV2Layer,), DebertaV2LayerWithAdapters, f"encoder.layer.{i}")
             layer.reft_layer = ReftLayer(registry, i, hidden_size, layer.output.LayerNorm)
         attention = layer.attention.self
         if not isinstance(attention, DisentangledSelfAttentionWithAdapters):
-            _switch(attention, DisentangledSelfAttention, DisentangledSelfAttentionWithAdapters,
+            _switch(attention, (DisentangledSelfAttention,), DisentangledSelfAttentionWithAdapters,
                     f"encoder.layer.{i}.attention.self")
         for attn_key, attr in (("q", "query_proj"), ("k", "key_proj"), ("v", "value_proj")):
             _wrap(attention, attr, registry, i, "selfattn", attn_key)
@@ -96,9 +97,10 @@ def inject_adapter_layers(base_model: nn.Module, registry) -> None:
         _wrap(layer.intermediate, "dense", registry, i, "intermediate")
         _wrap(layer.output, "dense", registry, i, "output")
         if not isinstance(layer.attention.output, BottleneckLayerMixin):
-            _switch(layer.attention.output, hf.DebertaV2SelfOutput, DebertaV2SelfOutputWithAdapters,
-                    f"encoder.layer.{i}.attention.output")
+            _switch(layer.attention.output, (hf.DebertaV2SelfOutput, DebertaV2SelfOutput),
+                    DebertaV2SelfOutputWithAdapters, f"encoder.layer.{i}.attention.output")
             layer.attention.output.init_adapters(registry, i, "mh_adapter", hidden_size)
         if not isinstance(layer.output, BottleneckLayerMixin):
-            _switch(layer.output, hf.DebertaV2Output, DebertaV2OutputWithAdapters, f"encoder.layer.{i}.output")
+            _switch(layer.output, (hf.DebertaV2Output, DebertaV2Output), DebertaV2OutputWithAdapters,
+                    f"encoder.layer.{i}.output")
             layer.output.init_adapters(registry, i, "output_adapter", hidden_size)

@@ -17,11 +17,15 @@ def _switch_table():
     from .attention import DisentangledSelfAttention
     from .base import DebertaV2Model
     from .encoder import DebertaV2Encoder
+    from .output_blocks import DebertaV2Intermediate, DebertaV2Output, DebertaV2SelfOutput
 
     return {
         hf.DisentangledSelfAttention: DisentangledSelfAttention,
         hf.DebertaV2Encoder: DebertaV2Encoder,
         hf.DebertaV2Model: DebertaV2Model,
+        hf.DebertaV2SelfOutput: DebertaV2SelfOutput,
+        hf.DebertaV2Intermediate: DebertaV2Intermediate,
+        hf.DebertaV2Output: DebertaV2Output,
     }
 
 

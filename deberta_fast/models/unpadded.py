@@ -40,14 +40,15 @@ def row_spans(token_mask: torch.Tensor) -> list[tuple[int, int]] | None:
 def layers_support_unpadding(layers) -> bool:
     """Only plain transformers layers around deberta_fast's attention (adapters or other wrappers change the math)."""
     from .attention import DisentangledSelfAttention
+    from .output_blocks import DebertaV2Intermediate, DebertaV2Output, DebertaV2SelfOutput
 
     return all(
         type(layer) is hf.DebertaV2Layer
         and type(layer.attention) is hf.DebertaV2Attention
         and type(layer.attention.self) is DisentangledSelfAttention
-        and type(layer.attention.output) is hf.DebertaV2SelfOutput
-        and type(layer.intermediate) is hf.DebertaV2Intermediate
-        and type(layer.output) is hf.DebertaV2Output
+        and type(layer.attention.output) in (hf.DebertaV2SelfOutput, DebertaV2SelfOutput)
+        and type(layer.intermediate) in (hf.DebertaV2Intermediate, DebertaV2Intermediate)
+        and type(layer.output) in (hf.DebertaV2Output, DebertaV2Output)
         for layer in layers
     )
 

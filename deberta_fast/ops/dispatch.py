@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 logger = logging.getLogger("deberta_fast")
 
@@ -179,8 +180,11 @@ def default_signature(device_type: str, *call) -> tuple:
 
 
 def _is_fallback_error(error: BaseException) -> bool:
-    # Out of memory is not a broken kernel: a slower backend would need at least as much memory.
-    return isinstance(error, Exception) and not isinstance(error, torch.OutOfMemoryError)
+    # Out of memory is not a broken kernel: a slower backend would need at least as much memory. Non-reentrant
+    # activation checkpointing stops a recomputation by raising from inside whichever op saves its last tensor:
+    # control flow that must reach the checkpoint, not a failure of that op's backend.
+    stop_recomputation = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
+    return isinstance(error, Exception) and not isinstance(error, (torch.OutOfMemoryError, stop_recomputation))
 
 
 class OpDispatcher:

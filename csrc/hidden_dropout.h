@@ -1,0 +1,161 @@
+// Hidden-state dropout from the counter-based generator of attention_dropout.h (Philox4x32-10, key (seed mod 2^32,
+// seed div 2^32), a word folded to y = x < 0 ? ~x : x as int32 and kept when float(y) * 4.6566127342e-10f >= p).
+// One Philox call gives four words, and each decides one element: element (row, col) of the 2-D view [rows, hidden]
+// of a tensor uses word (col div 16) mod 4 of the call with counters (row, 0, 16 * (col div 64) + col mod 16, 1),
+// so a 16-lane vector call covers 64 consecutive columns. The last counter word (1; the attention stream uses 0)
+// keeps this stream apart from the attention one. A decision depends only on (seed, row, col), so the backward pass
+// regenerates the mask instead of storing it, and the result does not depend on the thread count. The pure-PyTorch
+// mirror is deberta_fast/ops/residual_layernorm.py (hidden_keep_mask).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "attention_dropout.h"
+
+namespace deberta_fast_cpu {
+
+constexpr uint32_t kHiddenStream = 1u;
+
+// The four output words of Philox4x32-10, in place over the counters c[0..3].
+inline void philox4(uint32_t* c, uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const uint64_t a = uint64_t(kPhiloxRoundA) * c[0], b = uint64_t(kPhiloxRoundB) * c[2];
+    const uint32_t n0 = uint32_t(b >> 32) ^ c[1] ^ k0, n2 = uint32_t(a >> 32) ^ c[3] ^ k1;
+    c[1] = uint32_t(b);
+    c[3] = uint32_t(a);
+    c[0] = n0;
+    c[2] = n2;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline void philox4_16(__m512i* c, uint32_t k0, uint32_t k1) {
+  const __m512i ra = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m512i rb = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    __m512i a_hi, a_lo, b_hi, b_lo;
+    mul_wide16(c[0], ra, a_hi, a_lo);
+    mul_wide16(c[2], rb, b_hi, b_lo);
+    c[0] = _mm512_xor_si512(_mm512_xor_si512(b_hi, c[1]), _mm512_set1_epi32(static_cast<int>(k0)));
+    c[2] = _mm512_xor_si512(_mm512_xor_si512(a_hi, c[3]), _mm512_set1_epi32(static_cast<int>(k1)));
+    c[1] = b_lo;
+    c[3] = a_lo;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void philox4_8(__m256i* c, uint32_t k0, uint32_t k1) {
+  const __m256i ra = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m256i rb = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    __m256i a_hi, a_lo, b_hi, b_lo;
+    mul_wide8(c[0], ra, a_hi, a_lo);
+    mul_wide8(c[2], rb, b_hi, b_lo);
+    c[0] = _mm256_xor_si256(_mm256_xor_si256(b_hi, c[1]), _mm256_set1_epi32(static_cast<int>(k0)));
+    c[2] = _mm256_xor_si256(_mm256_xor_si256(a_hi, c[3]), _mm256_set1_epi32(static_cast<int>(k1)));
+    c[1] = b_lo;
+    c[3] = a_lo;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+}
+#endif
+
+class HiddenDropout {
+ public:
+  HiddenDropout() = default;
+  HiddenDropout(int64_t seed, double dropout_p) {
+    TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "deberta_fast_cpu: dropout_p must be in [0, 1); got ",
+                dropout_p);
+    if (dropout_p == 0.0) return;
+    on_ = true;
+    k0_ = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFu);
+    k1_ = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+    scale_ = static_cast<float>(1.0 / (1.0 - dropout_p));
+    // Smallest folded word y with float(y) * kUniformScale >= p (monotone in y), as AttentionDropout does.
+    const float p = static_cast<float>(dropout_p);
+    int64_t lo = 0, hi = int64_t(0x7FFFFFFF);
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (static_cast<float>(static_cast<int32_t>(mid)) * kUniformScale >= p) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    threshold_ = static_cast<int32_t>(lo);
+  }
+
+  bool on() const { return on_; }
+  float scale() const { return scale_; }
+
+  bool keep(int64_t row, int64_t col) const {
+    uint32_t c[4] = {static_cast<uint32_t>(row), 0u, static_cast<uint32_t>(16 * (col >> 6) + (col & 15)),
+                     kHiddenStream};
+    philox4(c, k0_, k1_);
+    return fold_word(c[(col >> 4) & 3]) >= threshold_;
+  }
+
+  // factor[c] = keep(row, c) ? scale : 0 for c < n.
+  void row_factors(int64_t row, int64_t n, float* factor) const {
+    int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i rowv = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(row)));
+    const __m512i stream = _mm512_set1_epi32(static_cast<int>(kHiddenStream));
+    const __m512i threshold = _mm512_set1_epi32(threshold_);
+    const __m512 kept = _mm512_set1_ps(scale_);
+    for (; c + 64 <= n; c += 64) {
+      __m512i w[4] = {rowv, _mm512_setzero_si512(),
+                      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c / 4)), iota), stream};
+      philox4_16(w, k0_, k1_);
+      for (int i = 0; i < 4; ++i) {
+        const __m512i y = _mm512_xor_si512(w[i], _mm512_srai_epi32(w[i], 31));
+        _mm512_storeu_ps(factor + c + 16 * i, _mm512_maskz_mov_ps(_mm512_cmpge_epi32_mask(y, threshold), kept));
+      }
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m256i rowv = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(row)));
+    const __m256i stream = _mm256_set1_epi32(static_cast<int>(kHiddenStream));
+    const __m256i below = _mm256_set1_epi32(threshold_ - 1);
+    const __m256 kept = _mm256_set1_ps(scale_);
+    for (; c + 64 <= n; c += 64) {
+      for (int half = 0; half < 2; ++half) {
+        __m256i w[4] = {rowv, _mm256_setzero_si256(),
+                        _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(c / 4 + 8 * half)), iota), stream};
+        philox4_8(w, k0_, k1_);
+        for (int i = 0; i < 4; ++i) {
+          const __m256i y = _mm256_xor_si256(w[i], _mm256_srai_epi32(w[i], 31));
+          const __m256i keep = _mm256_cmpgt_epi32(y, below);  // y >= threshold; both in [0, 2^31)
+          _mm256_storeu_ps(factor + c + 16 * i + 8 * half, _mm256_and_ps(_mm256_castsi256_ps(keep), kept));
+        }
+      }
+    }
+#endif
+    for (; c < n; ++c) factor[c] = keep(row, c) ? scale_ : 0.f;
+  }
+
+ private:
+  bool on_ = false;
+  uint32_t k0_ = 0, k1_ = 0;
+  int32_t threshold_ = 0;
+  float scale_ = 1.f;
+};
+
+// The hidden dropout of a call from its optional int64 [1] seed (required when dropout_p > 0).
+inline HiddenDropout make_hidden_dropout(const std::optional<at::Tensor>& seed, double dropout_p) {
+  if (dropout_p == 0.0) return HiddenDropout();
+  TORCH_CHECK(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device().is_cpu(),
+              "deberta_fast_cpu: dropout_p > 0 needs seed, an int64 CPU tensor with one element");
+  return HiddenDropout(seed->contiguous().data_ptr<int64_t>()[0], dropout_p);
+}
+
+}  // namespace deberta_fast_cpu

@@ -1,0 +1,99 @@
+"""DeBERTa-v2's token-wise blocks on deberta_fast's fused ops: attention output, intermediate, FFN output.
+
+Subclasses of transformers' DebertaV2SelfOutput, DebertaV2Intermediate and DebertaV2Output that add no parameters
+(``patch_deberta`` switches them in place), with the linear's bias moved out of the GEMM into the fused op after it:
+
+- DebertaV2SelfOutput, DebertaV2Output: LayerNorm(dropout(dense(hidden)) + input_tensor)
+  = ``residual_layernorm(hidden · Wᵀ, b, input_tensor, ...)`` (``deberta_fast.ops.residual_layernorm``)
+- DebertaV2Intermediate: gelu(dense(hidden)) = ``bias_gelu(hidden · Wᵀ, b)`` (``deberta_fast.ops.bias_gelu``)
+
+The fused path serves CPU tensors when the submodules are exactly torch's Linear (with a bias) / LayerNorm / Dropout
+and transformers' exact GELU, without module hooks, and the requested backend is auto, cpu or reference. Otherwise
+transformers' forward runs unchanged: CUDA tensors (the GPU path is the GEMM's bias epilogue and ATen's kernels),
+the triton backend requested (these ops have no Triton kernels), PEFT / adapter wrappers or hooks on a submodule.
+In train mode the native op's hidden dropout masks come from its counter-based stream, not torch's bernoulli draws
+(``use_backend("reference")`` reproduces transformers' masks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.activations import GELUActivation
+from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
+
+from ..ops.bias_gelu import bias_gelu
+from ..ops.dispatch import requested_backend
+from ..ops.residual_layernorm import residual_layernorm
+
+FUSED_BACKENDS = ("auto", "cpu", "reference")
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _plain_linear(module) -> bool:
+    return type(module) is nn.Linear and module.bias is not None and not _hooked(module)
+
+
+def _fusable(hidden_states: torch.Tensor, *modules: nn.Module) -> bool:
+    return (
+        hidden_states.device.type == "cpu"
+        and not any(_hooked(m) for m in modules)
+        and requested_backend() in FUSED_BACKENDS
+    )
+
+
+def _residual_layernorm_block(block, hidden_states, input_tensor):
+    """The fused tail of a SelfOutput / Output block, or None when it does not apply (module docstring)."""
+    norm, dropout = block.LayerNorm, block.dropout
+    if not (
+        _plain_linear(block.dense)
+        and type(norm) is nn.LayerNorm
+        and norm.weight is not None
+        and norm.bias is not None
+        and tuple(norm.normalized_shape) == (block.dense.out_features,)
+        and type(dropout) is nn.Dropout
+        and _fusable(hidden_states, block, norm, dropout)
+    ):
+        return None
+    x = F.linear(hidden_states, block.dense.weight)
+    p = dropout.p if dropout.training else 0.0
+    return residual_layernorm(x, block.dense.bias, input_tensor, norm.weight, norm.bias, norm.eps, p)
+
+
+class DebertaV2SelfOutput(hf.DebertaV2SelfOutput):
+    """forward(hidden_states [B, L, hidden], input_tensor [B, L, hidden]) -> LayerNorm(dropout(dense(hidden_states))
+    + input_tensor), as transformers'; on the fused op where it applies (module docstring)."""
+
+    def forward(self, hidden_states, input_tensor):
+        fused = _residual_layernorm_block(self, hidden_states, input_tensor)
+        return super().forward(hidden_states, input_tensor) if fused is None else fused
+
+
+class DebertaV2Output(hf.DebertaV2Output):
+    """forward(hidden_states [B, L, intermediate], input_tensor [B, L, hidden]) -> LayerNorm(dropout(
+    dense(hidden_states)) + input_tensor), as transformers'; on the fused op where it applies (module docstring)."""
+
+    def forward(self, hidden_states, input_tensor):
+        fused = _residual_layernorm_block(self, hidden_states, input_tensor)
+        return super().forward(hidden_states, input_tensor) if fused is None else fused
+
+
+class DebertaV2Intermediate(hf.DebertaV2Intermediate):
+    """forward(hidden_states [B, L, hidden]) -> gelu(dense(hidden_states)) [B, L, intermediate], as transformers';
+    on the fused op where it applies (module docstring: exact GELU only)."""
+
+    def forward(self, hidden_states):
+        act = self.intermediate_act_fn
+        if (
+            _plain_linear(self.dense)
+            and type(act) is GELUActivation
+            and act.act is F.gelu
+            and _fusable(hidden_states, self, act)
+        ):
+            return bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
+        return super().forward(hidden_states)
