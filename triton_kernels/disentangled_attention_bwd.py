@@ -13,8 +13,9 @@ Ownership instead of atomics: a query-stationary program owns dQ and delta of it
 gradient they produce; a key-stationary program owns dK, dV of its key blocks and their p2c gradient. The
 positional gradients go into a float32 partial [R, D] per program (R = slots reachable at this length): per
 tile the distance window's rows are folded onto distinct slots (a one-hot ``tl.dot`` where slots repeat) and
-added to the partial by the program itself, in a fixed order; saturated tiles add their row / column sums to
-two register vectors instead. The partials are summed by the launcher in a fixed order (and over the batch when
+added to the partial by the program itself, in a fixed order; a run of saturated tiles sums its rows / columns
+and adds one table row's gradient to the partial at the end of the run (no BLOCK_D-wide vector is kept live
+across the band loop, where the register pressure peaks). The partials are summed by the launcher in a fixed order (and over the batch when
 the tables broadcast over it). Each program walks a fixed list of (batch, block) items, so the number of
 partials stays near a few per SM whatever B and L are.
 """
@@ -61,6 +62,23 @@ def _add_rows_to_partial(part_base, slot_rows, ok, val, SLOT_LO, BLOCK_D: tl.con
 
 
 @triton.jit
+def _add_fold_to_partial(part_base, fold, rows_base, rows, rows_ok, stride_r, stride_d, slot_rows, ok, SLOT_LO,
+                         HEAD_DIM, INTERPRET: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DCHUNK: tl.constexpr):
+    """partial[slot_rows - SLOT_LO, :] += fold @ X for X = rows_base[rows, :] ([WIN, R] @ [R, BLOCK_D]), DCHUNK
+    columns at a time: X's column chunk is re-read (an L1/L2 hit) so that only a [WIN, DCHUNK] product and its
+    partial rows are live at once instead of [WIN, BLOCK_D] twice."""
+    for c in tl.static_range(BLOCK_D // DCHUNK):
+        dcols = c * DCHUNK + tl.arange(0, DCHUNK)
+        x = load_rows(rows_base, rows, rows_ok, stride_r, stride_d, dcols, HEAD_DIM, INTERPRET).to(fold.dtype)
+        val = mm(fold, x, PREC)
+        ptrs = part_base + (slot_rows - SLOT_LO)[:, None].to(tl.int64) * BLOCK_D + dcols[None, :]
+        old = tl.load(ptrs, mask=ok[:, None], other=0.0, volatile=True)
+        tl.store(ptrs, old + val, mask=ok[:, None])
+    tl.debug_barrier()
+
+
+@triton.jit
 def _add_vec_to_partial(part_base, slot, val, SLOT_LO, SLOT_HI, BLOCK_D: tl.constexpr):
     """partial[slot - SLOT_LO, :] += val (skipped when the slot lies outside the partial)."""
     dcol = tl.arange(0, BLOCK_D)
@@ -101,18 +119,34 @@ def _fold_onto_slots(dwin, slots, WIN: tl.constexpr, PREC: tl.constexpr, AXIS: t
 
 
 @triton.jit
-def _dq_content_range(dq, rs, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, bh, seed, c_row, pq_sat,
+def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_in, row_ok, bh, seed, q_base, sql, sqd,
                       k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                       part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                       SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep,
                       MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr,
                       HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr):
-    rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
-    # dC[a, w] = dS[a, b] with b = a + BN - 1 - w: the inverse of the forward gather, itself a gather.
-    inv = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1) - tl.arange(0, WIN)[None, :]
-    inv_ok = (inv >= 0) & (inv < BLOCK_N)
-    inv = tl.minimum(tl.maximum(inv, 0), BLOCK_N - 1)
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr,
+                      DCHUNK: tl.constexpr):
+    """dq += the content key tiles [t_start, t_stop) of query block m0, all in one MODE; their c2p gradient goes to
+    the partial. The saturated table rows are read here, per range, so no BLOCK_D-wide vector stays live in the
+    kernel across the band range, where the register pressure peaks."""
+    if MODE == MODE_WINDOW:
+        rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+        # dC[a, w] = dS[a, b] with b = a + BN - 1 - w: the inverse of the forward gather, itself a gather.
+        inv = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1) - tl.arange(0, WIN)[None, :]
+        inv_ok = (inv >= 0) & (inv < BLOCK_N)
+        inv = tl.minimum(tl.maximum(inv, 0), BLOCK_N - 1)
+    else:
+        if MODE == MODE_SAT_HI:
+            sat_slot = 2 * S - 1
+        else:
+            sat_slot = S * 0
+        c_row = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_C2P:
+            c_row = tl.sum(q.to(tl.float32) * load_vec(pk_base + sat_slot * spks, spkd, HEAD_DIM, BLOCK_D)[None, :], 1)
+        if HAS_P2C:
+            pq_sat = load_vec(pq_base + sat_slot * spqs, spqd, HEAD_DIM, BLOCK_D)
+    rs = tl.zeros([BLOCK_M], tl.float32)
     for t in range(t_start, t_stop):
         n0 = t * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -152,13 +186,21 @@ def _dq_content_range(dq, rs, q, do, lse, delta, t_start, t_stop, m0, rows, row_
                 dc = tl.where(inv_ok, tl.gather(ds, inv, 1), 0.0)
                 dq += mm(dc.to(pkw.dtype), pkw, PREC)
                 dcu, smin, smax = _fold_onto_slots(dc.to(q.dtype), slots, WIN, PREC, 1)
-                dpk = mm(tl.trans(dcu.to(q.dtype)), q, PREC)
                 urows = smin + tl.arange(0, WIN)
-                _add_rows_to_partial(part_base, urows, (urows <= smax) & (urows >= SLOT_LO) & (urows <= SLOT_HI),
-                                     dpk, SLOT_LO, BLOCK_D)
+                _add_fold_to_partial(part_base, tl.trans(dcu.to(q.dtype)), q_base, rows, row_in, sql, sqd, urows,
+                                     (urows <= smax) & (urows >= SLOT_LO) & (urows <= SLOT_HI), SLOT_LO, HEAD_DIM,
+                                     INTERPRET, PREC, BLOCK_D, DCHUNK)
             else:
                 rs += tl.sum(ds, 1)
-    return dq, rs
+    if MODE != MODE_WINDOW:
+        if HAS_C2P:
+            if t_stop > t_start:
+                # Saturated tiles: dQ_i += (Σ_k dS_ik) Pk[slot], dPk[slot] += Σ_i (Σ_k dS_ik) Q_i.
+                pk_sat = load_vec(pk_base + sat_slot * spks, spkd, HEAD_DIM, BLOCK_D)
+                dq += rs[:, None] * pk_sat[None, :]
+                _add_vec_to_partial(part_base, sat_slot, tl.sum(rs[:, None] * q.to(tl.float32), 0), SLOT_LO,
+                                    SLOT_HI, BLOCK_D)
+    return dq
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE_BWD)
@@ -173,6 +215,7 @@ def _disentangled_bwd_dq_kernel(
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr,
+    DCHUNK: tl.constexpr,
 ):
     g = tl.program_id(0)
     tb_h = tl.program_id(1)  # (table batch, head)
@@ -186,20 +229,6 @@ def _disentangled_bwd_dq_kernel(
     if DROPOUT:
         seed = tl.load(SEED)
     HAS_POS: tl.constexpr = HAS_C2P or HAS_P2C
-    zero_row = tl.zeros([BLOCK_M], tl.float32)
-    zero_vec = tl.zeros([BLOCK_D], tl.float32)
-    pk_hi = zero_vec
-    pk_lo = zero_vec
-    pq_hi = zero_vec
-    pq_lo = zero_vec
-    if HAS_C2P:
-        pk_hi = load_vec(pk_base + (2 * S - 1) * spks, spkd, HEAD_DIM, BLOCK_D)
-        pk_lo = load_vec(pk_base, spkd, HEAD_DIM, BLOCK_D)
-    if HAS_P2C:
-        pq_hi = load_vec(pq_base + (2 * S - 1) * spqs, spqd, HEAD_DIM, BLOCK_D)
-        pq_lo = load_vec(pq_base, spqd, HEAD_DIM, BLOCK_D)
-    dpk_hi = zero_vec
-    dpk_lo = zero_vec
 
     n_mblocks = tl.cdiv(L, BLOCK_M)
     for item in range(g, B_PER_TABLE * n_mblocks, NUM_GROUPS):
@@ -208,7 +237,8 @@ def _disentangled_bwd_dq_kernel(
         m0 = (item % n_mblocks) * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
         row_in = rows < L
-        q = load_rows(Q + b * sqb + h * sqh, rows, row_in, sql, sqd, dcol, HEAD_DIM, INTERPRET)
+        q_base = Q + b * sqb + h * sqh
+        q = load_rows(q_base, rows, row_in, sql, sqd, dcol, HEAD_DIM, INTERPRET)
         do = load_rows(DOUT + b * sdob + h * sdoh, rows, row_in, sdol, sdod, dcol, HEAD_DIM, INTERPRET)
         o = load_rows(OUT + b * sob + h * soh, rows, row_in, sol, sod, dcol, HEAD_DIM, INTERPRET)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -238,41 +268,27 @@ def _disentangled_bwd_dq_kernel(
             dq += mm(ds.to(k.dtype), k, PREC)
 
         n_hi, t_lo, n_tiles = content_tile_ranges(m0, L, SAT_HI, SAT_LO, HAS_POS, BLOCK_M, BLOCK_N)
-        c_hi = zero_row
-        c_lo = zero_row
-        if HAS_C2P:
-            c_hi = tl.sum(q.to(tl.float32) * pk_hi[None, :], 1)
-            c_lo = tl.sum(q.to(tl.float32) * pk_lo[None, :], 1)
-        rs_hi = zero_row
-        rs_lo = zero_row
-        dq, rs_hi = _dq_content_range(
-            dq, rs_hi, q, do, lse, delta, 0, n_hi, m0, rows, row_ok, bh, seed, c_hi, pq_hi,
+        dq = _dq_content_range(
+            dq, q, do, lse, delta, 0, n_hi, m0, rows, row_in, row_ok, bh, seed, q_base, sql, sqd,
             k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
             part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_HI, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
-            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-        dq, rs_hi = _dq_content_range(
-            dq, rs_hi, q, do, lse, delta, n_hi, t_lo, m0, rows, row_ok, bh, seed, zero_row, zero_vec,
+            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
+        dq = _dq_content_range(
+            dq, q, do, lse, delta, n_hi, t_lo, m0, rows, row_in, row_ok, bh, seed, q_base, sql, sqd,
             k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
             part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_WINDOW, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
-            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-        dq, rs_lo = _dq_content_range(
-            dq, rs_lo, q, do, lse, delta, t_lo, n_tiles, m0, rows, row_ok, bh, seed, c_lo, pq_lo,
+            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
+        dq = _dq_content_range(
+            dq, q, do, lse, delta, t_lo, n_tiles, m0, rows, row_in, row_ok, bh, seed, q_base, sql, sqd,
             k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
             part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_LO, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
-            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-        if HAS_C2P:
-            dq += rs_hi[:, None] * pk_hi[None, :] + rs_lo[:, None] * pk_lo[None, :]
-            dpk_hi += tl.sum(rs_hi[:, None] * q.to(tl.float32), 0)
-            dpk_lo += tl.sum(rs_lo[:, None] * q.to(tl.float32), 0)
+            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
         dq_ptrs = DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdql + dcol[None, :] * sdqd
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_in[:, None] & (dcol[None, :] < HEAD_DIM))
 
-    if HAS_C2P:
-        _add_vec_to_partial(part_base, 2 * S - 1, dpk_hi, SLOT_LO, SLOT_HI, BLOCK_D)
-        _add_vec_to_partial(part_base, 0, dpk_lo, SLOT_LO, SLOT_HI, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,19 +297,34 @@ def _disentangled_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkv_content_range(dk, dv, cs, k, v, t_start, t_stop, n0, cols, col_ok, col_in, b, h, bh, seed, kc_sat, pk_sat,
+def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, b, h, bh, seed,
                        q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd,
                        mask_base, sml, LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM,
                        S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
                        qk_scale, softmax_scale, dropout_p, inv_keep,
                        MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr,
                        HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr):
-    rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
-    # dP[w, b] = dS[a, b] with a = w + b - (BN - 1): the inverse of the forward gather along axis 0.
-    inv = tl.arange(0, WIN)[:, None] + tl.arange(0, BLOCK_N)[None, :] - (BLOCK_N - 1)
-    inv_ok = (inv >= 0) & (inv < BLOCK_M)
-    inv = tl.minimum(tl.maximum(inv, 0), BLOCK_M - 1)
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr,
+                      DCHUNK: tl.constexpr):
+    """dk, dv += the query tiles [t_start, t_stop) of content key block n0, all in one MODE; their p2c gradient goes
+    to the partial. The saturated table rows are read here, per range (see ``_dq_content_range``)."""
+    if MODE == MODE_WINDOW:
+        rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+        # dP[w, b] = dS[a, b] with a = w + b - (BN - 1): the inverse of the forward gather along axis 0.
+        inv = tl.arange(0, WIN)[:, None] + tl.arange(0, BLOCK_N)[None, :] - (BLOCK_N - 1)
+        inv_ok = (inv >= 0) & (inv < BLOCK_M)
+        inv = tl.minimum(tl.maximum(inv, 0), BLOCK_M - 1)
+    else:
+        if MODE == MODE_SAT_HI:
+            sat_slot = 2 * S - 1
+        else:
+            sat_slot = S * 0
+        kc_sat = tl.zeros([BLOCK_N], tl.float32)
+        if HAS_P2C:
+            kc_sat = tl.sum(k.to(tl.float32) * load_vec(pq_base + sat_slot * spqs, spqd, HEAD_DIM, BLOCK_D)[None, :], 1)
+        if HAS_C2P:
+            pk_sat = load_vec(pk_base + sat_slot * spks, spkd, HEAD_DIM, BLOCK_D)
+    cs = tl.zeros([BLOCK_N], tl.float32)
     for t in range(t_start, t_stop):
         m0 = t * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -338,13 +369,21 @@ def _dkv_content_range(dk, dv, cs, k, v, t_start, t_stop, n0, cols, col_ok, col_
                 dpw = tl.where(inv_ok, tl.gather(ds, inv, 0), 0.0)
                 dk += mm(tl.trans(dpw.to(pqw.dtype)), pqw, PREC)
                 dpu, smin, smax = _fold_onto_slots(dpw.to(k.dtype), slots, WIN, PREC, 0)
-                dpq = mm(dpu.to(k.dtype), k, PREC)
                 urows = smin + tl.arange(0, WIN)
+                dpq = mm(dpu.to(k.dtype), k, PREC)
                 _add_rows_to_partial(part_base, urows, (urows <= smax) & (urows >= SLOT_LO) & (urows <= SLOT_HI),
                                      dpq, SLOT_LO, BLOCK_D)
             else:
                 cs += tl.sum(ds, 0)
-    return dk, dv, cs
+    if MODE != MODE_WINDOW:
+        if HAS_P2C:
+            if t_stop > t_start:
+                # Saturated tiles: dK_k += (Σ_i dS_ik) Pq[slot], dPq[slot] += Σ_k (Σ_i dS_ik) K_k.
+                pq_sat = load_vec(pq_base + sat_slot * spqs, spqd, HEAD_DIM, BLOCK_D)
+                dk += cs[:, None] * pq_sat[None, :]
+                _add_vec_to_partial(part_base, sat_slot, tl.sum(cs[:, None] * k.to(tl.float32), 0), SLOT_LO,
+                                    SLOT_HI, BLOCK_D)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE_BWD)
@@ -359,6 +398,7 @@ def _disentangled_bwd_dkv_kernel(
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr,
+    DCHUNK: tl.constexpr,
 ):
     g = tl.program_id(0)
     tb_h = tl.program_id(1)
@@ -372,20 +412,6 @@ def _disentangled_bwd_dkv_kernel(
     if DROPOUT:
         seed = tl.load(SEED)
     HAS_POS: tl.constexpr = HAS_C2P or HAS_P2C
-    zero_col = tl.zeros([BLOCK_N], tl.float32)
-    zero_vec = tl.zeros([BLOCK_D], tl.float32)
-    pk_hi = zero_vec
-    pk_lo = zero_vec
-    pq_hi = zero_vec
-    pq_lo = zero_vec
-    if HAS_C2P:
-        pk_hi = load_vec(pk_base + (2 * S - 1) * spks, spkd, HEAD_DIM, BLOCK_D)
-        pk_lo = load_vec(pk_base, spkd, HEAD_DIM, BLOCK_D)
-    if HAS_P2C:
-        pq_hi = load_vec(pq_base + (2 * S - 1) * spqs, spqd, HEAD_DIM, BLOCK_D)
-        pq_lo = load_vec(pq_base, spqd, HEAD_DIM, BLOCK_D)
-    dpq_hi = zero_vec
-    dpq_lo = zero_vec
 
     n_prefix_blocks = tl.cdiv(P, BLOCK_N)
     n_blocks = n_prefix_blocks + tl.cdiv(L, BLOCK_N)
@@ -442,44 +468,30 @@ def _disentangled_bwd_dkv_kernel(
             else:
                 c_lo = n_mtiles * 0
                 c_hi = n_mtiles
-            kc_hi = zero_col
-            kc_lo = zero_col
-            if HAS_P2C:
-                kc_hi = tl.sum(k.to(tl.float32) * pq_hi[None, :], 1)
-                kc_lo = tl.sum(k.to(tl.float32) * pq_lo[None, :], 1)
-            cs_hi = zero_col
-            cs_lo = zero_col
-            dk, dv, cs_lo = _dkv_content_range(
-                dk, dv, cs_lo, k, v, 0, c_lo, n0, cols, col_ok, k_in, b, h, bh, seed, kc_lo, pk_lo,
+            dk, dv = _dkv_content_range(
+                dk, dv, k, v, 0, c_lo, n0, cols, col_ok, k_in, b, h, bh, seed,
                 q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                 LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_LO, HAS_C2P, HAS_P2C,
-                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-            dk, dv, cs_lo = _dkv_content_range(
-                dk, dv, cs_lo, k, v, c_lo, c_hi, n0, cols, col_ok, k_in, b, h, bh, seed, zero_col, zero_vec,
+                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
+            dk, dv = _dkv_content_range(
+                dk, dv, k, v, c_lo, c_hi, n0, cols, col_ok, k_in, b, h, bh, seed,
                 q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                 LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_WINDOW, HAS_C2P, HAS_P2C,
-                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-            dk, dv, cs_hi = _dkv_content_range(
-                dk, dv, cs_hi, k, v, c_hi, n_mtiles, n0, cols, col_ok, k_in, b, h, bh, seed, kc_hi, pk_hi,
+                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
+            dk, dv = _dkv_content_range(
+                dk, dv, k, v, c_hi, n_mtiles, n0, cols, col_ok, k_in, b, h, bh, seed,
                 q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                 LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_HI, HAS_C2P, HAS_P2C,
-                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-            if HAS_P2C:
-                dk += cs_hi[:, None] * pq_hi[None, :] + cs_lo[:, None] * pq_lo[None, :]
-                dpq_hi += tl.sum(cs_hi[:, None] * k.to(tl.float32), 0)
-                dpq_lo += tl.sum(cs_lo[:, None] * k.to(tl.float32), 0)
+                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
         out_mask = k_in[:, None] & (dcol[None, :] < HEAD_DIM)
         dk_ptrs = DK + b * sdkb + h * sdkh + kidx[:, None].to(tl.int64) * sdkl + dcol[None, :] * sdkd
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_mask)
         dv_ptrs = DV + b * sdvb + h * sdvh + kidx[:, None].to(tl.int64) * sdvl + dcol[None, :] * sdvd
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
-    if HAS_P2C:
-        _add_vec_to_partial(part_base, 2 * S - 1, dpq_hi, SLOT_LO, SLOT_HI, BLOCK_D)
-        _add_vec_to_partial(part_base, 0, dpq_lo, SLOT_LO, SLOT_HI, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -571,6 +583,7 @@ def disentangled_attention_backward(
         HAS_C2P=bool(c2p), HAS_P2C=bool(p2c), BUCKETED=consts["BUCKETED"], HAS_MASK=attention_mask is not None,
         DROPOUT=dropout, INTERPRET=interpret, PREC="tf32" if allow_tf32 else "ieee",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, WIN=window_size(bm, bn),
+        DCHUNK=min(bd, 64),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     scalars = (
