@@ -15,9 +15,19 @@ positional gradients go into a float32 partial [R, D] per program (R = slots rea
 tile the distance window's rows are folded onto distinct slots (a one-hot ``tl.dot`` where slots repeat) and
 added to the partial by the program itself, in a fixed order; a run of saturated tiles sums its rows / columns
 and adds one table row's gradient to the partial at the end of the run (no BLOCK_D-wide vector is kept live
-across the band loop, where the register pressure peaks). The partials are summed by the launcher in a fixed order (and over the batch when
-the tables broadcast over it). Each program walks a fixed list of (batch, block) items, so the number of
-partials stays near a few per SM whatever B and L are.
+across the band loop, where the register pressure peaks). The partials are summed by the launcher in a fixed
+order (and over the batch when the tables broadcast over it). Each program walks a fixed list of (batch, block)
+items, so the number of partials stays near a few per SM whatever B and L are.
+
+Register pressure (why fp16/bf16 still spill at 32 x 32 tiles, 8 warps; ptxas -v, compile-only): Triton gives
+every chained ``tl.dot`` of a loop body the MMA warp layout of the [32, BLOCK_D] gradient accumulator,
+warpsPerCTA [1, 8], so each warp holds the whole left operand of the score dots (Q and dO, [32, BLOCK_D]):
+64 registers per thread each at BLOCK_D 128, before the positional windows ([WIN, BLOCK_D] table rows) and
+their dots. The dK/dV kernel without positional terms already uses 255 registers at BLOCK_D 128. Moving the
+positional-gradient work out of the band loop (per-block slot sums applied after it) or splitting the score
+dots over the head dim did not lower the spills (measured); 16-row query tiles halve the dQ kernel's
+spills but leave half of every warp's score MMAs redundant. Spill-free needs tiles whose accumulators split
+over warps by rows (BLOCK >= BLOCK_D, [num_warps, 1]), which the WIN-wide positional windows make expensive.
 """
 
 from __future__ import annotations
