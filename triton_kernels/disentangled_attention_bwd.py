@@ -72,23 +72,6 @@ def _add_rows_to_partial(part_base, slot_rows, ok, val, SLOT_LO, BLOCK_D: tl.con
 
 
 @triton.jit
-def _add_fold_to_partial(part_base, fold, rows_base, rows, rows_ok, stride_r, stride_d, slot_rows, ok, SLOT_LO,
-                         HEAD_DIM, INTERPRET: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DCHUNK: tl.constexpr):
-    """partial[slot_rows - SLOT_LO, :] += fold @ X for X = rows_base[rows, :] ([WIN, R] @ [R, BLOCK_D]), DCHUNK
-    columns at a time: X's column chunk is re-read (an L1/L2 hit) so that only a [WIN, DCHUNK] product and its
-    partial rows are live at once instead of [WIN, BLOCK_D] twice."""
-    for c in tl.static_range(BLOCK_D // DCHUNK):
-        dcols = c * DCHUNK + tl.arange(0, DCHUNK)
-        x = load_rows(rows_base, rows, rows_ok, stride_r, stride_d, dcols, HEAD_DIM, INTERPRET).to(fold.dtype)
-        val = mm(fold, x, PREC)
-        ptrs = part_base + (slot_rows - SLOT_LO)[:, None].to(tl.int64) * BLOCK_D + dcols[None, :]
-        old = tl.load(ptrs, mask=ok[:, None], other=0.0, volatile=True)
-        tl.store(ptrs, old + val, mask=ok[:, None])
-    tl.debug_barrier()
-
-
-@triton.jit
 def _add_vec_to_partial(part_base, slot, val, SLOT_LO, SLOT_HI, BLOCK_D: tl.constexpr):
     """partial[slot - SLOT_LO, :] += val (skipped when the slot lies outside the partial)."""
     dcol = tl.arange(0, BLOCK_D)
@@ -129,14 +112,13 @@ def _fold_onto_slots(dwin, slots, WIN: tl.constexpr, PREC: tl.constexpr, AXIS: t
 
 
 @triton.jit
-def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_in, row_ok, bh, seed, q_base, sql, sqd,
+def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, bh, seed,
                       k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                       part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                       SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep,
                       MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr,
                       HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr,
-                      DCHUNK: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr):
     """dq += the content key tiles [t_start, t_stop) of query block m0, all in one MODE; their c2p gradient goes to
     the partial. The saturated table rows are read here, per range, so no BLOCK_D-wide vector stays live in the
     kernel across the band range, where the register pressure peaks."""
@@ -196,10 +178,10 @@ def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_in, 
                 dc = tl.where(inv_ok, tl.gather(ds, inv, 1), 0.0)
                 dq += mm(dc.to(pkw.dtype), pkw, PREC)
                 dcu, smin, smax = _fold_onto_slots(dc.to(q.dtype), slots, WIN, PREC, 1)
+                dpk = mm(tl.trans(dcu.to(q.dtype)), q, PREC)
                 urows = smin + tl.arange(0, WIN)
-                _add_fold_to_partial(part_base, tl.trans(dcu.to(q.dtype)), q_base, rows, row_in, sql, sqd, urows,
-                                     (urows <= smax) & (urows >= SLOT_LO) & (urows <= SLOT_HI), SLOT_LO, HEAD_DIM,
-                                     INTERPRET, PREC, BLOCK_D, DCHUNK)
+                _add_rows_to_partial(part_base, urows, (urows <= smax) & (urows >= SLOT_LO) & (urows <= SLOT_HI),
+                                     dpk, SLOT_LO, BLOCK_D)
             else:
                 rs += tl.sum(ds, 1)
     if MODE != MODE_WINDOW:
@@ -225,7 +207,6 @@ def _disentangled_bwd_dq_kernel(
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr,
-    DCHUNK: tl.constexpr,
 ):
     g = tl.program_id(0)
     tb_h = tl.program_id(1)  # (table batch, head)
@@ -247,8 +228,7 @@ def _disentangled_bwd_dq_kernel(
         m0 = (item % n_mblocks) * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
         row_in = rows < L
-        q_base = Q + b * sqb + h * sqh
-        q = load_rows(q_base, rows, row_in, sql, sqd, dcol, HEAD_DIM, INTERPRET)
+        q = load_rows(Q + b * sqb + h * sqh, rows, row_in, sql, sqd, dcol, HEAD_DIM, INTERPRET)
         do = load_rows(DOUT + b * sdob + h * sdoh, rows, row_in, sdol, sdod, dcol, HEAD_DIM, INTERPRET)
         o = load_rows(OUT + b * sob + h * soh, rows, row_in, sol, sod, dcol, HEAD_DIM, INTERPRET)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -279,23 +259,23 @@ def _disentangled_bwd_dq_kernel(
 
         n_hi, t_lo, n_tiles = content_tile_ranges(m0, L, SAT_HI, SAT_LO, HAS_POS, BLOCK_M, BLOCK_N)
         dq = _dq_content_range(
-            dq, q, do, lse, delta, 0, n_hi, m0, rows, row_in, row_ok, bh, seed, q_base, sql, sqd,
+            dq, q, do, lse, delta, 0, n_hi, m0, rows, row_ok, bh, seed,
             k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
             part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_HI, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
-            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
+            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
         dq = _dq_content_range(
-            dq, q, do, lse, delta, n_hi, t_lo, m0, rows, row_in, row_ok, bh, seed, q_base, sql, sqd,
+            dq, q, do, lse, delta, n_hi, t_lo, m0, rows, row_ok, bh, seed,
             k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
             part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_WINDOW, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
-            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
+            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
         dq = _dq_content_range(
-            dq, q, do, lse, delta, t_lo, n_tiles, m0, rows, row_in, row_ok, bh, seed, q_base, sql, sqd,
+            dq, q, do, lse, delta, t_lo, n_tiles, m0, rows, row_ok, bh, seed,
             k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
             part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_LO, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
-            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
+            DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
         dq_ptrs = DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdql + dcol[None, :] * sdqd
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_in[:, None] & (dcol[None, :] < HEAD_DIM))
 
@@ -314,8 +294,7 @@ def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, 
                        qk_scale, softmax_scale, dropout_p, inv_keep,
                        MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr,
                        HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr,
-                      DCHUNK: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr):
     """dk, dv += the query tiles [t_start, t_stop) of content key block n0, all in one MODE; their p2c gradient goes
     to the partial. The saturated table rows are read here, per range (see ``_dq_content_range``)."""
     if MODE == MODE_WINDOW:
@@ -408,7 +387,6 @@ def _disentangled_bwd_dkv_kernel(
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr,
-    DCHUNK: tl.constexpr,
 ):
     g = tl.program_id(0)
     tb_h = tl.program_id(1)
@@ -483,19 +461,19 @@ def _disentangled_bwd_dkv_kernel(
                 q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                 LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_LO, HAS_C2P, HAS_P2C,
-                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
+                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
             dk, dv = _dkv_content_range(
                 dk, dv, k, v, c_lo, c_hi, n0, cols, col_ok, k_in, b, h, bh, seed,
                 q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                 LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_WINDOW, HAS_C2P, HAS_P2C,
-                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
+                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
             dk, dv = _dkv_content_range(
                 dk, dv, k, v, c_hi, n_mtiles, n0, cols, col_ok, k_in, b, h, bh, seed,
                 q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                 LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_HI, HAS_C2P, HAS_P2C,
-                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN, DCHUNK)
+                BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
         out_mask = k_in[:, None] & (dcol[None, :] < HEAD_DIM)
         dk_ptrs = DK + b * sdkb + h * sdkh + kidx[:, None].to(tl.int64) * sdkl + dcol[None, :] * sdkd
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_mask)
@@ -593,7 +571,6 @@ def disentangled_attention_backward(
         HAS_C2P=bool(c2p), HAS_P2C=bool(p2c), BUCKETED=consts["BUCKETED"], HAS_MASK=attention_mask is not None,
         DROPOUT=dropout, INTERPRET=interpret, PREC="tf32" if allow_tf32 else "ieee",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, WIN=window_size(bm, bn),
-        DCHUNK=min(bd, 64),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     scalars = (
