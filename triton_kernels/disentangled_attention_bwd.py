@@ -13,10 +13,21 @@ Ownership instead of atomics: a query-stationary program owns dQ and delta of it
 gradient they produce; a key-stationary program owns dK, dV of its key blocks and their p2c gradient. The
 positional gradients go into a float32 partial [R, D] per program (R = slots reachable at this length): per
 tile the distance window's rows are folded onto distinct slots (a one-hot ``tl.dot`` where slots repeat) and
-added to the partial by the program itself, in a fixed order; saturated tiles add their row / column sums to
-two register vectors instead. The partials are summed by the launcher in a fixed order (and over the batch when
-the tables broadcast over it). Each program walks a fixed list of (batch, block) items, so the number of
-partials stays near a few per SM whatever B and L are.
+added to the partial by the program itself, in a fixed order; a run of saturated tiles sums its rows / columns
+and adds one table row's gradient to the partial at the end of the run (no BLOCK_D-wide vector is kept live
+across the band loop, where the register pressure peaks). The partials are summed by the launcher in a fixed
+order (and over the batch when the tables broadcast over it). Each program walks a fixed list of (batch, block)
+items, so the number of partials stays near a few per SM whatever B and L are.
+
+Register pressure (why fp16/bf16 still spill at 32 x 32 tiles, 8 warps; ptxas -v, compile-only): Triton gives
+every chained ``tl.dot`` of a loop body the MMA warp layout of the [32, BLOCK_D] gradient accumulator,
+warpsPerCTA [1, 8], so each warp holds the whole left operand of the score dots (Q and dO, [32, BLOCK_D]):
+64 registers per thread each at BLOCK_D 128, before the positional windows ([WIN, BLOCK_D] table rows) and
+their dots. The dK/dV kernel without positional terms already uses 255 registers at BLOCK_D 128. Moving the
+positional-gradient work out of the band loop (per-block slot sums applied after it) or splitting the score
+dots over the head dim did not lower the spills (measured); 16-row query tiles halve the dQ kernel's
+spills but leave half of every warp's score MMAs redundant. Spill-free needs tiles whose accumulators split
+over warps by rows (BLOCK >= BLOCK_D, [num_warps, 1]), which the WIN-wide positional windows make expensive.
 """
 
 from __future__ import annotations
@@ -101,18 +112,33 @@ def _fold_onto_slots(dwin, slots, WIN: tl.constexpr, PREC: tl.constexpr, AXIS: t
 
 
 @triton.jit
-def _dq_content_range(dq, rs, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, bh, seed, c_row, pq_sat,
+def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, bh, seed,
                       k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                       part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                       SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep,
                       MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr,
                       HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr):
-    rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
-    # dC[a, w] = dS[a, b] with b = a + BN - 1 - w: the inverse of the forward gather, itself a gather.
-    inv = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1) - tl.arange(0, WIN)[None, :]
-    inv_ok = (inv >= 0) & (inv < BLOCK_N)
-    inv = tl.minimum(tl.maximum(inv, 0), BLOCK_N - 1)
+    """dq += the content key tiles [t_start, t_stop) of query block m0, all in one MODE; their c2p gradient goes to
+    the partial. The saturated table rows are read here, per range, so no BLOCK_D-wide vector stays live in the
+    kernel across the band range, where the register pressure peaks."""
+    if MODE == MODE_WINDOW:
+        rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+        # dC[a, w] = dS[a, b] with b = a + BN - 1 - w: the inverse of the forward gather, itself a gather.
+        inv = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1) - tl.arange(0, WIN)[None, :]
+        inv_ok = (inv >= 0) & (inv < BLOCK_N)
+        inv = tl.minimum(tl.maximum(inv, 0), BLOCK_N - 1)
+    else:
+        if MODE == MODE_SAT_HI:
+            sat_slot = 2 * S - 1
+        else:
+            sat_slot = S * 0
+        c_row = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_C2P:
+            c_row = tl.sum(q.to(tl.float32) * load_vec(pk_base + sat_slot * spks, spkd, HEAD_DIM, BLOCK_D)[None, :], 1)
+        if HAS_P2C:
+            pq_sat = load_vec(pq_base + sat_slot * spqs, spqd, HEAD_DIM, BLOCK_D)
+    rs = tl.zeros([BLOCK_M], tl.float32)
     for t in range(t_start, t_stop):
         n0 = t * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -158,7 +184,15 @@ def _dq_content_range(dq, rs, q, do, lse, delta, t_start, t_stop, m0, rows, row_
                                      dpk, SLOT_LO, BLOCK_D)
             else:
                 rs += tl.sum(ds, 1)
-    return dq, rs
+    if MODE != MODE_WINDOW:
+        if HAS_C2P:
+            if t_stop > t_start:
+                # Saturated tiles: dQ_i += (Σ_k dS_ik) Pk[slot], dPk[slot] += Σ_i (Σ_k dS_ik) Q_i.
+                pk_sat = load_vec(pk_base + sat_slot * spks, spkd, HEAD_DIM, BLOCK_D)
+                dq += rs[:, None] * pk_sat[None, :]
+                _add_vec_to_partial(part_base, sat_slot, tl.sum(rs[:, None] * q.to(tl.float32), 0), SLOT_LO,
+                                    SLOT_HI, BLOCK_D)
+    return dq
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE_BWD)
@@ -186,20 +220,6 @@ def _disentangled_bwd_dq_kernel(
     if DROPOUT:
         seed = tl.load(SEED)
     HAS_POS: tl.constexpr = HAS_C2P or HAS_P2C
-    zero_row = tl.zeros([BLOCK_M], tl.float32)
-    zero_vec = tl.zeros([BLOCK_D], tl.float32)
-    pk_hi = zero_vec
-    pk_lo = zero_vec
-    pq_hi = zero_vec
-    pq_lo = zero_vec
-    if HAS_C2P:
-        pk_hi = load_vec(pk_base + (2 * S - 1) * spks, spkd, HEAD_DIM, BLOCK_D)
-        pk_lo = load_vec(pk_base, spkd, HEAD_DIM, BLOCK_D)
-    if HAS_P2C:
-        pq_hi = load_vec(pq_base + (2 * S - 1) * spqs, spqd, HEAD_DIM, BLOCK_D)
-        pq_lo = load_vec(pq_base, spqd, HEAD_DIM, BLOCK_D)
-    dpk_hi = zero_vec
-    dpk_lo = zero_vec
 
     n_mblocks = tl.cdiv(L, BLOCK_M)
     for item in range(g, B_PER_TABLE * n_mblocks, NUM_GROUPS):
@@ -238,41 +258,27 @@ def _disentangled_bwd_dq_kernel(
             dq += mm(ds.to(k.dtype), k, PREC)
 
         n_hi, t_lo, n_tiles = content_tile_ranges(m0, L, SAT_HI, SAT_LO, HAS_POS, BLOCK_M, BLOCK_N)
-        c_hi = zero_row
-        c_lo = zero_row
-        if HAS_C2P:
-            c_hi = tl.sum(q.to(tl.float32) * pk_hi[None, :], 1)
-            c_lo = tl.sum(q.to(tl.float32) * pk_lo[None, :], 1)
-        rs_hi = zero_row
-        rs_lo = zero_row
-        dq, rs_hi = _dq_content_range(
-            dq, rs_hi, q, do, lse, delta, 0, n_hi, m0, rows, row_ok, bh, seed, c_hi, pq_hi,
+        dq = _dq_content_range(
+            dq, q, do, lse, delta, 0, n_hi, m0, rows, row_ok, bh, seed,
             k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
             part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_HI, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
             DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-        dq, rs_hi = _dq_content_range(
-            dq, rs_hi, q, do, lse, delta, n_hi, t_lo, m0, rows, row_ok, bh, seed, zero_row, zero_vec,
+        dq = _dq_content_range(
+            dq, q, do, lse, delta, n_hi, t_lo, m0, rows, row_ok, bh, seed,
             k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
             part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_WINDOW, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
             DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-        dq, rs_lo = _dq_content_range(
-            dq, rs_lo, q, do, lse, delta, t_lo, n_tiles, m0, rows, row_ok, bh, seed, c_lo, pq_lo,
+        dq = _dq_content_range(
+            dq, q, do, lse, delta, t_lo, n_tiles, m0, rows, row_ok, bh, seed,
             k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
             part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_LO, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
             DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-        if HAS_C2P:
-            dq += rs_hi[:, None] * pk_hi[None, :] + rs_lo[:, None] * pk_lo[None, :]
-            dpk_hi += tl.sum(rs_hi[:, None] * q.to(tl.float32), 0)
-            dpk_lo += tl.sum(rs_lo[:, None] * q.to(tl.float32), 0)
         dq_ptrs = DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdql + dcol[None, :] * sdqd
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_in[:, None] & (dcol[None, :] < HEAD_DIM))
 
-    if HAS_C2P:
-        _add_vec_to_partial(part_base, 2 * S - 1, dpk_hi, SLOT_LO, SLOT_HI, BLOCK_D)
-        _add_vec_to_partial(part_base, 0, dpk_lo, SLOT_LO, SLOT_HI, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,7 +287,7 @@ def _disentangled_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkv_content_range(dk, dv, cs, k, v, t_start, t_stop, n0, cols, col_ok, col_in, b, h, bh, seed, kc_sat, pk_sat,
+def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, b, h, bh, seed,
                        q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd,
                        mask_base, sml, LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM,
                        S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
@@ -289,11 +295,25 @@ def _dkv_content_range(dk, dv, cs, k, v, t_start, t_stop, n0, cols, col_ok, col_
                        MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr,
                        HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr):
-    rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
-    # dP[w, b] = dS[a, b] with a = w + b - (BN - 1): the inverse of the forward gather along axis 0.
-    inv = tl.arange(0, WIN)[:, None] + tl.arange(0, BLOCK_N)[None, :] - (BLOCK_N - 1)
-    inv_ok = (inv >= 0) & (inv < BLOCK_M)
-    inv = tl.minimum(tl.maximum(inv, 0), BLOCK_M - 1)
+    """dk, dv += the query tiles [t_start, t_stop) of content key block n0, all in one MODE; their p2c gradient goes
+    to the partial. The saturated table rows are read here, per range (see ``_dq_content_range``)."""
+    if MODE == MODE_WINDOW:
+        rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+        # dP[w, b] = dS[a, b] with a = w + b - (BN - 1): the inverse of the forward gather along axis 0.
+        inv = tl.arange(0, WIN)[:, None] + tl.arange(0, BLOCK_N)[None, :] - (BLOCK_N - 1)
+        inv_ok = (inv >= 0) & (inv < BLOCK_M)
+        inv = tl.minimum(tl.maximum(inv, 0), BLOCK_M - 1)
+    else:
+        if MODE == MODE_SAT_HI:
+            sat_slot = 2 * S - 1
+        else:
+            sat_slot = S * 0
+        kc_sat = tl.zeros([BLOCK_N], tl.float32)
+        if HAS_P2C:
+            kc_sat = tl.sum(k.to(tl.float32) * load_vec(pq_base + sat_slot * spqs, spqd, HEAD_DIM, BLOCK_D)[None, :], 1)
+        if HAS_C2P:
+            pk_sat = load_vec(pk_base + sat_slot * spks, spkd, HEAD_DIM, BLOCK_D)
+    cs = tl.zeros([BLOCK_N], tl.float32)
     for t in range(t_start, t_stop):
         m0 = t * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -338,13 +358,21 @@ def _dkv_content_range(dk, dv, cs, k, v, t_start, t_stop, n0, cols, col_ok, col_
                 dpw = tl.where(inv_ok, tl.gather(ds, inv, 0), 0.0)
                 dk += mm(tl.trans(dpw.to(pqw.dtype)), pqw, PREC)
                 dpu, smin, smax = _fold_onto_slots(dpw.to(k.dtype), slots, WIN, PREC, 0)
-                dpq = mm(dpu.to(k.dtype), k, PREC)
                 urows = smin + tl.arange(0, WIN)
+                dpq = mm(dpu.to(k.dtype), k, PREC)
                 _add_rows_to_partial(part_base, urows, (urows <= smax) & (urows >= SLOT_LO) & (urows <= SLOT_HI),
                                      dpq, SLOT_LO, BLOCK_D)
             else:
                 cs += tl.sum(ds, 0)
-    return dk, dv, cs
+    if MODE != MODE_WINDOW:
+        if HAS_P2C:
+            if t_stop > t_start:
+                # Saturated tiles: dK_k += (Σ_i dS_ik) Pq[slot], dPq[slot] += Σ_k (Σ_i dS_ik) K_k.
+                pq_sat = load_vec(pq_base + sat_slot * spqs, spqd, HEAD_DIM, BLOCK_D)
+                dk += cs[:, None] * pq_sat[None, :]
+                _add_vec_to_partial(part_base, sat_slot, tl.sum(cs[:, None] * k.to(tl.float32), 0), SLOT_LO,
+                                    SLOT_HI, BLOCK_D)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE_BWD)
@@ -372,20 +400,6 @@ def _disentangled_bwd_dkv_kernel(
     if DROPOUT:
         seed = tl.load(SEED)
     HAS_POS: tl.constexpr = HAS_C2P or HAS_P2C
-    zero_col = tl.zeros([BLOCK_N], tl.float32)
-    zero_vec = tl.zeros([BLOCK_D], tl.float32)
-    pk_hi = zero_vec
-    pk_lo = zero_vec
-    pq_hi = zero_vec
-    pq_lo = zero_vec
-    if HAS_C2P:
-        pk_hi = load_vec(pk_base + (2 * S - 1) * spks, spkd, HEAD_DIM, BLOCK_D)
-        pk_lo = load_vec(pk_base, spkd, HEAD_DIM, BLOCK_D)
-    if HAS_P2C:
-        pq_hi = load_vec(pq_base + (2 * S - 1) * spqs, spqd, HEAD_DIM, BLOCK_D)
-        pq_lo = load_vec(pq_base, spqd, HEAD_DIM, BLOCK_D)
-    dpq_hi = zero_vec
-    dpq_lo = zero_vec
 
     n_prefix_blocks = tl.cdiv(P, BLOCK_N)
     n_blocks = n_prefix_blocks + tl.cdiv(L, BLOCK_N)
@@ -442,44 +456,30 @@ def _disentangled_bwd_dkv_kernel(
             else:
                 c_lo = n_mtiles * 0
                 c_hi = n_mtiles
-            kc_hi = zero_col
-            kc_lo = zero_col
-            if HAS_P2C:
-                kc_hi = tl.sum(k.to(tl.float32) * pq_hi[None, :], 1)
-                kc_lo = tl.sum(k.to(tl.float32) * pq_lo[None, :], 1)
-            cs_hi = zero_col
-            cs_lo = zero_col
-            dk, dv, cs_lo = _dkv_content_range(
-                dk, dv, cs_lo, k, v, 0, c_lo, n0, cols, col_ok, k_in, b, h, bh, seed, kc_lo, pk_lo,
+            dk, dv = _dkv_content_range(
+                dk, dv, k, v, 0, c_lo, n0, cols, col_ok, k_in, b, h, bh, seed,
                 q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                 LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_LO, HAS_C2P, HAS_P2C,
                 BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-            dk, dv, cs_lo = _dkv_content_range(
-                dk, dv, cs_lo, k, v, c_lo, c_hi, n0, cols, col_ok, k_in, b, h, bh, seed, zero_col, zero_vec,
+            dk, dv = _dkv_content_range(
+                dk, dv, k, v, c_lo, c_hi, n0, cols, col_ok, k_in, b, h, bh, seed,
                 q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                 LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_WINDOW, HAS_C2P, HAS_P2C,
                 BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-            dk, dv, cs_hi = _dkv_content_range(
-                dk, dv, cs_hi, k, v, c_hi, n_mtiles, n0, cols, col_ok, k_in, b, h, bh, seed, kc_hi, pk_hi,
+            dk, dv = _dkv_content_range(
+                dk, dv, k, v, c_hi, n_mtiles, n0, cols, col_ok, k_in, b, h, bh, seed,
                 q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
                 LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_HI, HAS_C2P, HAS_P2C,
                 BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-            if HAS_P2C:
-                dk += cs_hi[:, None] * pq_hi[None, :] + cs_lo[:, None] * pq_lo[None, :]
-                dpq_hi += tl.sum(cs_hi[:, None] * k.to(tl.float32), 0)
-                dpq_lo += tl.sum(cs_lo[:, None] * k.to(tl.float32), 0)
         out_mask = k_in[:, None] & (dcol[None, :] < HEAD_DIM)
         dk_ptrs = DK + b * sdkb + h * sdkh + kidx[:, None].to(tl.int64) * sdkl + dcol[None, :] * sdkd
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_mask)
         dv_ptrs = DV + b * sdvb + h * sdvh + kidx[:, None].to(tl.int64) * sdvl + dcol[None, :] * sdvd
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
-    if HAS_P2C:
-        _add_vec_to_partial(part_base, 2 * S - 1, dpq_hi, SLOT_LO, SLOT_HI, BLOCK_D)
-        _add_vec_to_partial(part_base, 0, dpq_lo, SLOT_LO, SLOT_HI, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
