@@ -67,12 +67,12 @@ _FWD_CONFIGS = make_configs(
     half=_tiles((128, 64, 64, 8, 4), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)),
     fp32=_tiles((64, 64, 32, 4, 2), (32, 64, 32, 4, 2)),
 )
-# dX: BLOCK_N is the loop step over N, BLOCK_K the dX column tile. At most 32 accumulator elements per thread:
-# the dropout epilogue holds the [BM, BK] low-rank product and its mask beside the accumulator, and ptxas spilled
-# 128 x 128 tiles and 64-wide steps with 128-wide tiles at ranks 32-64 with three projections.
+# dX: BLOCK_N is the loop step over N, BLOCK_K the dX column tile. 8 warps and at most 32 accumulator elements
+# per thread: the dropout epilogue holds the [BM, BK] low-rank product and its mask beside the accumulator; ptxas
+# spilled 128 x 128 tiles, 128-wide steps and 4-warp 64 x 64 tiles at ranks 32-64 (three projections, dropout).
 _DX_CONFIGS = make_configs(
     _INTERPRETER_TILES,
-    half=_tiles((128, 64, 64, 8, 4), (128, 32, 64, 8, 4), (64, 64, 64, 4, 4)),
+    half=_tiles((128, 64, 64, 8, 4), (128, 32, 64, 8, 4), (64, 64, 64, 8, 4)),
     fp32=_tiles((64, 32, 64, 4, 2), (32, 32, 64, 4, 2)),
 )
 
@@ -252,7 +252,7 @@ def _lora_fwd_kernel(
 # per thread: README "GPU readiness").
 @triton.autotune(configs=make_configs(dict(BLOCK_M=64, BLOCK_K=32),
                                       half=[(dict(BLOCK_M=64, BLOCK_K=64), 4, 3),
-                                            (dict(BLOCK_M=128, BLOCK_K=64), 8, 3),
+                                            (dict(BLOCK_M=64, BLOCK_K=128), 8, 3),
                                             (dict(BLOCK_M=128, BLOCK_K=32), 8, 4)],
                                       fp32=[(dict(BLOCK_M=64, BLOCK_K=64), 4, 2)]),
                  key=["M_BUCKET", "K", "R"], prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
@@ -381,8 +381,8 @@ def _lora_bwd_dx_kernel(
             ds = ds * _pick(j, scal0, scal1, scal2, NUM_PROJ)
             if STORE_DS:
                 if pid_k == 0:
-                    ds_ptrs = ds_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :]
-                    tl.store(ds_ptrs, ds, mask=m_ok[:, None])
+                    ds_offs = tl.arange(0, BLOCK_M)[:, None] * R + offs_r[None, :]
+                    tl.store(ds_ptr + (j * M + row0).to(tl.int64) * R + ds_offs, ds, mask=m_ok[:, None])
             if NEED_DX:
                 at = tl.load(a_ptr + col0 + offs_r[:, None] * k_stride + cols[None, :], mask=r_ok[:, None],
                              other=0.0)  # A_j [R, BK]
