@@ -688,17 +688,17 @@ def compile_for_hopper():
         for num_proj, mask, dropout in variants:
             build(lora_linear._lora_fwd_kernel, lora_ptrs,
                   dict(NUM_PROJ=num_proj, LORA_MASK=mask, BIAS_MASK=7 - mask, S_FROM_MEMORY=dropout, STORE_S=True,
-                       R=16, DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_K=True),
+                       R=16, DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_K=True, K_ALIGN=16, N_ALIGN=8, RANK_ALIGN=4),
                   gpu_config(lora_linear._lora_fwd_kernel, kind))
             build(lora_linear._lora_bwd_dx_kernel, lora_ptrs,
                   dict(NUM_PROJ=num_proj, LORA_MASK=mask, NEED_DX=True, STORE_DS=True, DROPOUT=dropout, R=16,
-                       DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_N=False),
+                       DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_N=False, K_ALIGN=8, N_ALIGN=16, RANK_ALIGN=1),
                   gpu_config(lora_linear._lora_bwd_dx_kernel, kind))
             build(lora_linear._lora_bwd_weight_kernel, lora_ptrs,
                   dict(NUM_PROJ=num_proj, LORA_MASK=mask, WHICH_FIRST=0, WHICH_COUNT=2, DROPOUT=dropout, R=16,
-                       DOT_DTYPE=tl_dt, PRECISION=precision), gpu_config(lora_linear._lora_bwd_weight_kernel, kind))
+                       DOT_DTYPE=tl_dt, PRECISION=precision, K_ALIGN=8, N_ALIGN=16), gpu_config(lora_linear._lora_bwd_weight_kernel, kind))
         build(lora_linear._lora_down_kernel, lora_ptrs,
-              dict(NUM_PROJ=3, LORA_MASK=7, R=32, DOT_DTYPE=tl_dt, PRECISION=precision),
+              dict(NUM_PROJ=3, LORA_MASK=7, R=32, DOT_DTYPE=tl_dt, PRECISION=precision, EVEN_K=False, K_ALIGN=8),
               gpu_config(lora_linear._lora_down_kernel, kind))
         fl_ptrs = {n: f"*{dt}" for n in ("a_ptr", "b_ptr", "bias_ptr", "residual_ptr", "aux_ptr", "out_ptr")}
         fl_ptrs.update(scale_ptr="*fp32", colsum_ptr="*fp32")

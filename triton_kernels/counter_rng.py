@@ -33,13 +33,32 @@ def fmix32(h):
 
 
 @triton.jit
+def row_keys(key, rows):
+    """uint32 [len(rows)]: the per-row half of the hash (row_key above)."""
+    return fmix32(rows.to(tl.uint32) * 0x9E3779B9 + key.to(tl.uint32))
+
+
+@triton.jit
+def col_keys(cols):
+    """uint32 [len(cols)]: the per-column term col · 0x85EBCA77."""
+    return cols.to(tl.uint32) * 0x85EBCA77
+
+
+@triton.jit
+def keep_from_keys(key, row_key, col_key, threshold):
+    """Boolean [len(row_key), len(col_key)] keep mask from the per-row / per-column halves of the hash.
+
+    Kernels that draw the mask tile by tile inside a loop hoist whichever half is loop-invariant: only the two
+    per-element finaliser rounds stay in the loop, which keeps the live set of the hash small."""
+    h = fmix32(row_key[:, None] ^ col_key[None, :])
+    h = fmix32(h + key.to(tl.uint32))
+    return (h >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
 def keep_mask(key, rows, cols, threshold):
     """Boolean [len(rows), len(cols)] keep mask of the stream ``key`` (int, 0 <= key < 2^31)."""
-    k = key.to(tl.uint32)
-    row_key = fmix32(rows.to(tl.uint32) * 0x9E3779B9 + k)
-    h = fmix32(row_key[:, None] ^ (cols.to(tl.uint32) * 0x85EBCA77)[None, :])
-    h = fmix32(h + k)
-    return (h >> 8).to(tl.int32) >= threshold
+    return keep_from_keys(key, row_keys(key, rows), col_keys(cols), threshold)
 
 
 @triton.jit(do_not_specialize=["key", "threshold"])
