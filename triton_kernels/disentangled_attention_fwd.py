@@ -311,6 +311,13 @@ def _check_int32_offsets(**tensors) -> None:
                              f"({reach} elements); pass a contiguous [B, L, H, D] / [.., 2S, H, D] layout")
 
 
+def _register_cap(interpret: bool) -> dict:
+    """Launch option maxnreg=255 on a GPU: without it ptxas (13.x) caps some 8-warp variants at 128 registers
+    and spills (sm_80, 32 x 32 tiles with dropout); the explicit cap lets it allocate what it needs (up to the 255
+    a thread can address). The interpreter takes no such option."""
+    return {} if interpret else {"maxnreg": 255}
+
+
 def forward_config(length: int, head_dim: int, interpret: bool, dtype: torch.dtype = torch.float16) -> dict:
     """Tile sizes: the tuned table's entry for this target / dtype / head dim, else the defaults
     (``attention_tiles``)."""
@@ -367,6 +374,6 @@ def disentangled_attention_forward(
         HAS_C2P=bool(c2p), HAS_P2C=bool(p2c), BUCKETED=consts["BUCKETED"], HAS_MASK=attention_mask is not None,
         DROPOUT=dropout, INTERPRET=interpret, PREC="tf32" if allow_tf32 else "ieee",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(head_dim), WIN=window_size(bm, bn),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **_register_cap(interpret),
     )
     return out, lse
