@@ -37,7 +37,7 @@ from ._common import (
     window_size,
     window_slots,
 )
-from .attention_tiles import attention_tiles
+from .attention_tiles import attention_tiles, current_target
 
 # Running max before any key: finite, so fully masked tiles give exp2(-inf) = 0, never NaN. A constexpr: a jit
 # function may only read module-level values that are tl.constexpr (the interpreter does not enforce it).
@@ -312,10 +312,10 @@ def _check_int32_offsets(**tensors) -> None:
 
 
 def _register_cap(interpret: bool) -> dict:
-    """Launch option maxnreg=255 on a GPU: without it ptxas (13.x) caps some 8-warp variants at 128 registers
-    and spills (sm_80, 32 x 32 tiles with dropout); the explicit cap lets it allocate what it needs (up to the 255
-    a thread can address). The interpreter takes no such option."""
-    return {} if interpret else {"maxnreg": 255}
+    """Launch option maxnreg=255 when compiling for sm_80: without it ptxas (13.x) caps some 8-warp variants there
+    at 128 registers and spills (32 x 32 tiles with dropout). Not on the other targets, where the explicit cap
+    made ptxas allocate differently and spill (sm_120). The interpreter takes no such option."""
+    return {"maxnreg": 255} if not interpret and current_target() == "sm_80" else {}
 
 
 def forward_config(length: int, head_dim: int, interpret: bool, dtype: torch.dtype = torch.float16) -> dict:
