@@ -538,7 +538,7 @@ def test_unspecialized_arguments_are_kernel_parameters():
 
     from deberta_fast.triton_kernels import _common, disentangled_attention_bwd, disentangled_attention_fwd
 
-    kernels = [(disentangled_attention_fwd._disentangled_fwd_kernel, _common.NO_SPECIALIZE_FWD),
+    kernels = [(disentangled_attention_fwd._disentangled_fwd_kernel, disentangled_attention_fwd.NO_SPECIALIZE),
                (disentangled_attention_bwd._disentangled_bwd_dq_kernel, _common.NO_SPECIALIZE_BWD),
                (disentangled_attention_bwd._disentangled_bwd_dkv_kernel, _common.NO_SPECIALIZE_BWD)]
     for kernel, names in kernels:

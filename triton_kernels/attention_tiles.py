@@ -8,7 +8,7 @@ for (its active driver), so the compile-only tests, which stand in a driver for 
 production would use.
 
 Defaults (no entry), from the compile-only evidence (registers, spills, shared memory per target; README "GPU
-readiness"): fp16/bf16 forward 64 x 64 tiles, 4 warps up to BLOCK_D 64 and 8 above, 2 stages; backward 32 x 32
+readiness"): fp16/bf16 forward 32 x 32 tiles, 8 warps, 2 stages (spill-free); backward 32 x 32
 tiles, 8 warps (4 spill at BLOCK_D 64), 1 stage. Exact fp32 (FMA dots): forward 32 x 32 up to BLOCK_D 64 and
 16 x 16 above, backward 16 x 16, 4 warps, 1 stage (64 x 64 fp32 tiles need 256 KiB of shared memory at BLOCK_D
 128). Tiles never exceed the next power of two of the length (min 16).
@@ -79,7 +79,14 @@ def default_tiles(kind: str, dtype: torch.dtype, bd: int, interpret: bool) -> di
         block = 32 if (kind == "forward" and bd <= 64) else 16
         return dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
     if kind == "forward":
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if bd <= 64 else 8, num_stages=2)
+        # 32 x 32: each tile also multiplies a [BM, WIN] and a [WIN, BN] window of the positional tables
+        # (WIN = next power of two of BM + BN - 1) and gathers from them; at 64 x 64 (and 64 x 32, WIN = 128)
+        # that fp32 live set spilled 50-700 bytes with 8 warps (1-3 KiB with 4) on every target, at 32 x 32
+        # (WIN = 64) nothing spills. The positional flops per score are the same (WIN / BN = 2), only the key /
+        # value tiles are read twice as often. 8 warps: with 4, 32 x 32 still spills at BLOCK_D 128 and on
+        # sm_120 (up to 250 bytes); two stages: the window tables are then copied to shared memory
+        # asynchronously instead of through registers (one stage spilled at BLOCK_D 128).
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
 
 

@@ -37,15 +37,67 @@ from ._common import (
     window_size,
     window_slots,
 )
-from .attention_tiles import attention_tiles
+from .attention_tiles import attention_tiles, current_target
 
 # Running max before any key: finite, so fully masked tiles give exp2(-inf) = 0, never NaN. A constexpr: a jit
 # function may only read module-level values that are tl.constexpr (the interpreter does not enforce it).
 NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)
 
+# HEAD_DIM stays specialised (Triton marks it divisible by 16 when it is): the bound of the head-dim mask
+# `dcol < HEAD_DIM` is then known to hold for whole 16-column groups, so every [rows, BLOCK_D] load is a
+# 16-byte vector load. Unspecialised, each element became its own 2-byte load with its own 64-bit address.
+NO_SPECIALIZE = [name for name in NO_SPECIALIZE_FWD if name != "HEAD_DIM"]
+
 MODE_WINDOW: tl.constexpr = tl.constexpr(0)
 MODE_SAT_HI: tl.constexpr = tl.constexpr(1)
 MODE_SAT_LO: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def opaque_offset(x, INTERPRET: tl.constexpr):
+    """x (a scalar int64 offset), hidden from LLVM's loop strength reduction.
+
+    A tile's element addresses are tile base + loop-invariant int32 offsets. When LLVM can see that the base
+    advances by a constant each iteration, it turns every per-thread vector address into its own 64-bit
+    induction variable (two registers each, carried across the key loop, where they spilled). Passing the
+    base offset through an empty asm move keeps one scalar per tile; each address is then one add at its load.
+    """
+    if INTERPRET:
+        return x
+    else:
+        return tl.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l", [x], dtype=tl.int64, is_pure=True, pack=1)
+
+
+@triton.jit
+def load_tile(tile_base, first, n_ok, stride_r, stride_d, dcol, HEAD_DIM, R: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """[R, BLOCK_D] rows first + [0, R) of a [rows, HEAD_DIM] matrix at tile_base (zeros at rows >= n_ok or
+    columns >= HEAD_DIM); float32 under the interpreter.
+
+    The tile's first row moves the (scalar, 64-bit) base pointer; the element offsets are int32 and relative
+    to it (< R · stride_r + BLOCK_D · stride_d), so they are the same for every tile of a loop: a few
+    loop-invariant registers, where [R, BLOCK_D] 64-bit pointers became one 64-bit induction variable per
+    loaded vector (and spilled).
+    """
+    r = tl.arange(0, R)
+    base = tile_base + opaque_offset(tl.cast(first, tl.int64) * stride_r, INTERPRET)
+    x = tl.load(base + (r[:, None] * stride_r + dcol[None, :] * stride_d),
+                mask=(r < n_ok - first)[:, None] & (dcol[None, :] < HEAD_DIM), other=0.0)
+    if INTERPRET:
+        # The interpreter's bf16 arithmetic is broken: compute in float32 there.
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def load_slot_rows(table_base, slots, stride_s, stride_d, dcol, HEAD_DIM, INTERPRET: tl.constexpr):
+    """[WIN, BLOCK_D] table rows ``slots`` (all in [0, 2S)) with int32 offsets (the launcher checks that
+    2S · stride_s fits); float32 under the interpreter."""
+    x = tl.load(table_base + (slots[:, None] * stride_s + dcol[None, :] * stride_d),
+                mask=dcol[None, :] < HEAD_DIM, other=0.0)
+    if INTERPRET:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -78,23 +130,29 @@ def content_scores(q, k, m0, n0, pk_base, spks, spkd, pq_base, spqs, spqd, dcol,
 
     c_row [BM]: Q_i·Pk[saturated slot] (saturated modes); pq_sat [BD]: Pq[saturated slot] (saturated modes).
     """
-    s = mm(q, tl.trans(k), PREC)
-    if MODE == MODE_WINDOW:
-        if HAS_C2P or HAS_P2C:
-            slots = window_slots(m0, n0, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET,
-                                 BLOCK_N, WIN)
-            rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
-            if HAS_C2P:
-                pkw = load_rows(pk_base, slots, slots >= 0, spks, spkd, dcol, HEAD_DIM, INTERPRET)
-                s += tl.gather(mm(q, tl.trans(pkw.to(q.dtype)), PREC), rel, 1)
-            if HAS_P2C:
-                pqw = load_rows(pq_base, slots, slots >= 0, spqs, spqd, dcol, HEAD_DIM, INTERPRET)
-                s += tl.gather(mm(pqw.to(k.dtype), tl.trans(k), PREC), rel, 0)
-    else:
+    if MODE == MODE_WINDOW and (HAS_C2P or HAS_P2C):
+        slots = window_slots(m0, n0, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET,
+                             BLOCK_N, WIN)
+        rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+        # The positional terms first, the content dot last with their sum as its accumulator: no [BM, BN]
+        # score tile is live while a [BM, WIN] / [WIN, BN] window product exists.
         if HAS_C2P:
-            s += c_row[:, None]
-        if HAS_P2C:
-            s += tl.sum(k.to(tl.float32) * pq_sat[None, :], 1)[None, :]
+            pkw = load_slot_rows(pk_base, slots, spks, spkd, dcol, HEAD_DIM, INTERPRET)
+            pos = tl.gather(mm(q, tl.trans(pkw.to(q.dtype)), PREC), rel, 1)
+            if HAS_P2C:
+                pqw = load_slot_rows(pq_base, slots, spqs, spqd, dcol, HEAD_DIM, INTERPRET)
+                pos += tl.gather(mm(pqw.to(k.dtype), tl.trans(k), PREC), rel, 0)
+        else:
+            pqw = load_slot_rows(pq_base, slots, spqs, spqd, dcol, HEAD_DIM, INTERPRET)
+            pos = tl.gather(mm(pqw.to(k.dtype), tl.trans(k), PREC), rel, 0)
+        s = mm(q, tl.trans(k), PREC) + pos
+    else:
+        s = mm(q, tl.trans(k), PREC)
+        if MODE != MODE_WINDOW:
+            if HAS_C2P:
+                s += c_row[:, None]
+            if HAS_P2C:
+                s += tl.sum(k.to(tl.float32) * pq_sat[None, :], 1)[None, :]
     return s
 
 
@@ -107,13 +165,14 @@ def masked_scores(s, row_ok, col_ok, col_in, P):
 
 
 @triton.jit
-def _online_update(s, v, m_i, l_i, acc, keep, inv_keep, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+def _online_update(s, v, m_i, l_i, acc, seed, bh, rows, kcols, dropout_p, inv_keep, DROPOUT: tl.constexpr,
+                   PREC: tl.constexpr):
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        p = tl.where(keep, p * inv_keep, 0.0)
+        p = tl.where(dropout_keep(seed, bh, rows, kcols, dropout_p), p * inv_keep, 0.0)
     acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, PREC)
     return m_new, l_i, acc
 
@@ -129,25 +188,26 @@ def _fwd_content_range(acc, m_i, l_i, q, t_start, t_stop, m0, rows, row_ok, bh, 
     for t in range(t_start, t_stop):
         n0 = t * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_in = cols < L
-        k = load_rows(k_base, P + cols, col_in, skl, skd, dcol, HEAD_DIM, INTERPRET)
-        v = load_rows(v_base, P + cols, col_in, svl, svd, dcol, HEAD_DIM, INTERPRET)
+        # As `cols < L`, but against the scalar L - n0: LLVM widened `n0 + j < L` to 64 bits with one hoisted
+        # 64-bit bound per column (kept across the loop, spilled).
+        col_in = tl.arange(0, BLOCK_N) < L - n0
+        k = load_tile(k_base, P + n0, P + L, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
+        v = load_tile(v_base, P + n0, P + L, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
         if HAS_MASK:
-            col_ok = (tl.load(mask_base + cols * sml, mask=col_in, other=0) != 0) & col_in
+            mask_tile = mask_base + opaque_offset(tl.cast(n0, tl.int64) * sml, INTERPRET)
+            col_ok = (tl.load(mask_tile + tl.arange(0, BLOCK_N) * sml, mask=col_in, other=0) != 0) & col_in
         else:
             col_ok = col_in
         s = content_scores(q, k, m0, n0, pk_base, spks, spkd, pq_base, spqs, spqd, dcol, HEAD_DIM, c_row, pq_sat,
                            S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, MODE, HAS_C2P, HAS_P2C, BUCKETED,
                            INTERPRET, PREC, BLOCK_M, BLOCK_N, WIN)
         s, _ = masked_scores(s * qk_scale, row_ok, col_ok, col_in, P)
-        keep = col_in[None, :]
-        if DROPOUT:
-            keep = dropout_keep(seed, bh, rows, P + cols, dropout_p)
-        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, keep, inv_keep, DROPOUT, PREC)
+        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, seed, bh, rows, P + cols, dropout_p, inv_keep, DROPOUT,
+                                       PREC)
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=NO_SPECIALIZE_FWD)
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _disentangled_fwd_kernel(
     Q, K, V, PK, PQ, MASK, SEED, OUT, LSE,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
@@ -189,14 +249,11 @@ def _disentangled_fwd_kernel(
     # Prefix keys: content score only, valid for every query row.
     for n0 in range(0, P, BLOCK_N):
         kc = n0 + tl.arange(0, BLOCK_N)
-        k_in = kc < P
-        k = load_rows(k_base, kc, k_in, skl, skd, dcol, HEAD_DIM, INTERPRET)
-        v = load_rows(v_base, kc, k_in, svl, svd, dcol, HEAD_DIM, INTERPRET)
+        k_in = tl.arange(0, BLOCK_N) < P - n0
+        k = load_tile(k_base, n0, P, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
+        v = load_tile(v_base, n0, P, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
         s = tl.where(k_in[None, :], mm(q, tl.trans(k), PREC) * qk_scale, float("-inf"))
-        keep = k_in[None, :]
-        if DROPOUT:
-            keep = dropout_keep(seed, bh, rows, kc, dropout_p)
-        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, keep, inv_keep, DROPOUT, PREC)
+        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, seed, bh, rows, kc, dropout_p, inv_keep, DROPOUT, PREC)
 
     HAS_POS: tl.constexpr = HAS_C2P or HAS_P2C
     n_hi, t_lo, n_tiles = content_tile_ranges(m0, L, SAT_HI, SAT_LO, HAS_POS, BLOCK_M, BLOCK_N)
@@ -241,6 +298,26 @@ def _disentangled_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check_int32_offsets(**tensors) -> None:
+    """The kernel addresses a key / value tile (rows < its BLOCK_N past the tile's first row) and a whole
+    positional table [.., 2S, D] with int32 element offsets: raise if one of them could exceed int32."""
+    for name, (tensor, rows) in tensors.items():
+        if tensor is None:
+            continue
+        rows = tensor.shape[-2] if rows is None else rows
+        reach = rows * tensor.stride(-2) + tensor.shape[-1] * tensor.stride(-1)
+        if reach >= 2**31:
+            raise ValueError(f"{name}: row stride {tensor.stride(-2)} x {rows} rows needs offsets beyond int32 "
+                             f"({reach} elements); pass a contiguous [B, L, H, D] / [.., 2S, H, D] layout")
+
+
+def _register_cap(interpret: bool) -> dict:
+    """Launch option maxnreg=255 when compiling for sm_80: without it ptxas (13.x) caps some 8-warp variants there
+    at 128 registers and spills (32 x 32 tiles with dropout). Not on the other targets, where the explicit cap
+    made ptxas allocate differently and spill (sm_120). The interpreter takes no such option."""
+    return {"maxnreg": 255} if not interpret and current_target() == "sm_80" else {}
+
+
 def forward_config(length: int, head_dim: int, interpret: bool, dtype: torch.dtype = torch.float16) -> dict:
     """Tile sizes: the tuned table's entry for this target / dtype / head dim, else the defaults
     (``attention_tiles``)."""
@@ -276,6 +353,8 @@ def disentangled_attention_forward(
     config = tiles or forward_config(length, head_dim, interpret, query.dtype)
     bm = block_m or config["BLOCK_M"]
     bn = block_n or config["BLOCK_N"]
+    _check_int32_offsets(key=(key, bn), value=(value, bn), pos_key=(pos_key if c2p else None, None),
+                         pos_query=(pos_query if p2c else None, None))
     out = torch.empty(batch, length, heads, head_dim, dtype=query.dtype, device=query.device).transpose(1, 2)
     lse = torch.empty(batch, heads, length, dtype=torch.float32, device=query.device)
     consts = position_constants(position_buckets, max_relative_positions)
@@ -295,6 +374,6 @@ def disentangled_attention_forward(
         HAS_C2P=bool(c2p), HAS_P2C=bool(p2c), BUCKETED=consts["BUCKETED"], HAS_MASK=attention_mask is not None,
         DROPOUT=dropout, INTERPRET=interpret, PREC="tf32" if allow_tf32 else "ieee",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(head_dim), WIN=window_size(bm, bn),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **_register_cap(interpret),
     )
     return out, lse
