@@ -5,6 +5,7 @@ the variable is set here, at collection start, whenever no GPU is present.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -13,6 +14,16 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+# torch Inductor's FX-graph cache key leaves out the vector ISA its C++ kernels were generated for (torch 2.13): a
+# graph cached by a run at another ATEN_CPU_CAPABILITY (or on another CPU sharing the folder) is reused and its
+# kernels read past their vectors (NaN logits, then a segfault, under ATEN_CPU_CAPABILITY=avx2 after an AVX-512 run).
+# One cache folder per capability, unless the caller chose one.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _user = os.environ.get("USER", "") or str(getattr(os, "getuid", lambda: "user")())
+    _user = "".join(c for c in _user if c.isalnum() or c in "-_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{_user}_{torch.backends.cpu.get_cpu_capability().lower()}")
 
 
 def pytest_configure(config):

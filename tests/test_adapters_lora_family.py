@@ -6,6 +6,8 @@ outputs: test_adapters_lora_family_fixtures.py."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -321,9 +323,16 @@ def test_merge_is_exact_and_reset_restores_the_weights(method):
     _randomize(model, "a")
     unmerged = _run(model, inputs)
     assert float((unmerged - base).abs().max()) > 1e-3
+    # Merging re-associates fp32 sums (x(W + ΔW) against xW + x·ΔW), which round differently on each CPU and vector
+    # ISA (VeRA reached 1.2e-5 from unmerged with ATEN_CPU_CAPABILITY=default, its unmerged fp32 run being 1.0e-5 from
+    # float64 itself). Numerics policy: against a float64 run of the unmerged model, the merged model's error is at
+    # most twice the unmerged fp32 model's own, plus a floor.
+    oracle = _run(copy.deepcopy(model).double(), inputs)
+    own_error = float((unmerged.double() - oracle).abs().max())
     saved = {k: v.clone() for k, v in model.deberta.state_dict().items()}
     model.merge_adapter("a")
-    assert float((_run(model, inputs) - unmerged).abs().max()) <= TOL
+    merged_error = float((_run(model, inputs).double() - oracle).abs().max())
+    assert merged_error <= 2 * own_error + 1e-6, (merged_error, own_error)
     model.reset_adapter()
     for key, value in model.deberta.state_dict().items():
         # reset puts the tensors saved at merge time back (no arithmetic inverse)

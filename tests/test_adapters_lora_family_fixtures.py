@@ -37,6 +37,14 @@ def _run(model, **kwargs):
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs).last_hidden_state
 
 
+def _same_draw(ours, theirs) -> bool:
+    """The same random draw: equal up to 2 ulps. The generator's bits are the same on every CPU, but turning them
+    into uniform(-b, b) values runs in another vector code path per ISA (ATEN_CPU_CAPABILITY=default differs from
+    AVX-512 by 1 ulp, 1.2e-7 at |x| ~ 1)."""
+    ours, theirs = ours.detach().float(), theirs.float()
+    return bool(((ours - theirs).abs() <= 2 * torch.finfo(torch.float32).eps * theirs.abs() + 1e-7).all())
+
+
 def _max_diff(a, b):
     return float((a - b).abs().max())
 
@@ -107,7 +115,7 @@ def test_vera_seed_draws_adapterhubs_shared_matrices(case):
     for key in ("lora_A", "lora_B"):
         reference = saved[f"deberta.shared_parameters.a0.{key}"]
         assert shared[key].shape == reference.shape
-        assert _max_diff(shared[key], reference) <= 1e-7, key
+        assert _same_draw(shared[key], reference), (key, _max_diff(shared[key], reference))
         assert not shared[key].requires_grad
 
 
@@ -139,7 +147,7 @@ def test_seeded_initialisation_draws_adapterhubs_values(case):
     ours = model._adapter_state_dict("a0")
     assert set(ours) == set(saved)
     for key, value in saved.items():
-        assert _max_diff(ours[key], value) <= 1e-7, key
+        assert _same_draw(ours[key], value), (key, _max_diff(ours[key], value))
     assert any(float(v.abs().max()) > 0 and v.numel() > 1 for k, v in saved.items() if "lora_A" in k)
     expected = load_file(os.path.join(HERE, case, "expected.safetensors"))
     assert _max_diff(_run(model), expected["last_hidden_state"]) <= TOLERANCE

@@ -8,6 +8,7 @@ environment with ``pip install adapters==1.3.0``) on the shared fixture set's ba
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -23,6 +24,20 @@ pytestmark = needs_fixtures
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "adapterhub_options")
 with open(os.path.join(HERE, "cases.json"), encoding="utf-8") as _handle:
     CASES = json.load(_handle)
+
+
+def _assert_fp32_rounding_only(model, inputs, key, ours, theirs, error):
+    """Over 1e-5 from AdapterHub's fp32 output is accepted only as fp32 rounding of the same math: vector ISAs round
+    differently (the Stack of two LoRAs reached 1.7e-5 with ATEN_CPU_CAPABILITY=default, 0.9e-5 with AVX-512).
+    Numerics policy: against a float64 run of our model, each fp32 output is at most twice as far as the other plus
+    a floor (a difference in the math leaves AdapterHub's output far from our float64 run and fails)."""
+    with torch.no_grad():
+        out = copy.deepcopy(model).double()(**inputs, output_hidden_states=True)
+    oracle = out.hidden_states[-1] if key == "last_hidden_state" else getattr(out, key)
+    ours_error = float((ours.double() - oracle).abs().max())
+    theirs_error = float((theirs.double() - oracle).abs().max())
+    assert ours_error <= 2 * theirs_error + 1e-6 and theirs_error <= 2 * ours_error + 1e-6, \
+        (key, error, ours_error, theirs_error)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -44,7 +59,9 @@ def test_option_matches_adapterhub(case):
     for key, value in expected.items():
         if key == "merged":
             continue
-        assert float((result[key] - value).abs().max()) <= TOLERANCE, key
+        error = float((result[key] - value).abs().max())
+        if error > TOLERANCE:
+            _assert_fp32_rounding_only(model, inputs, key, result[key], value, error)
     if "merged" in expected:
         model.merge_adapter("a0")
         with torch.no_grad():

@@ -51,3 +51,24 @@ def test_sweep_winners_merge_into_the_table_and_reach_the_launcher(tmp_path, mon
         assert [e["target"] for e in attention_tiles.table_entries()] == ["sm_80", "sm_90"]
     finally:
         attention_tiles._table.cache_clear()
+
+
+def test_tests_step_runs_the_cuda_compile_tests():
+    """The CUDA-only torch.compile tests (every model class and the adapter model on the Triton kernels, issue 12
+    item 2) are marked ``gpu`` (skipped here, run on a CUDA machine) and the GPU check's test step keeps them."""
+    (entry,) = gpu_check.plan("any", dict(gpu_check.DEFAULT_LIMITS), ["tests"], sys.executable)
+    command = entry["command"]
+    assert os.path.join(REPO, "tests") in command
+    pytest_args = command[command.index("pytest") + 1:]
+    assert not any(arg.startswith(("-k", "-m")) for arg in pytest_args), "no keyword or marker filter"
+    assert not any("test_compile_export" in arg for arg in pytest_args), "the file is neither ignored nor deselected"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", "gpu", os.path.join(REPO, "tests", "test_compile_export.py")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = [line for line in proc.stdout.splitlines() if "::test_cuda_" in line]
+    classes = ["model", "sequence_classification", "masked_lm", "token_classification", "question_answering",
+               "multiple_choice", "adapter_lora", "adapter_seq_bn"]
+    for key in classes:
+        assert any(f"test_cuda_every_model_class_compiles_fullgraph_on_triton[{key}]" in line for line in collected)
+    assert sum("test_cuda_inductor_compiles_fullgraph_on_triton[" in line for line in collected) == 3

@@ -293,11 +293,12 @@ def adapter_model(config: str, merge: bool):
     return model.eval()
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("config,merge", [("lora", True), ("ia3", True), ("seq_bn", False)])
-def test_adapter_model_exports(config, merge, tmp_path):
+def test_adapter_model_exports(config, merge, exporter, tmp_path):
     model = adapter_model(config, merge)
     reference = adapter_model(config, False)  # unmerged twin: the merge itself must not change the outputs
-    path = export(model, str(tmp_path / "adapter.onnx"), "torchscript")
+    path = export(model, str(tmp_path / "adapter.onnx"), exporter)
     sess = session(path)
     input_ids, mask = make_inputs(*RUN_SHAPE, seed=3)
     got = run(sess, input_ids, mask)

@@ -5,9 +5,11 @@
 
 Steps (each a subprocess with its own time limit, so one that hangs or fails does not stop the others):
 1. ``tests``     the whole pytest suite on CUDA (bf16 tests run, the triton backend on CUDA tensors, the model
-                 classes end to end with ``auto`` in tests/test_gpu_end_to_end.py), in 4 processes with
-                 pytest-xdist when installed; JUnit XML -> CSV rows. tests/test_triton_compile.py is left to CI:
-                 it is CPU-only compile work, and here every kernel compiles for the real device anyway.
+                 classes end to end with ``auto`` in tests/test_gpu_end_to_end.py, torch.compile(fullgraph=True) of
+                 every model class and the adapter model on the Triton kernels in tests/test_compile_export.py),
+                 in 4 processes with pytest-xdist when installed; JUnit XML -> CSV rows.
+                 tests/test_triton_compile.py is left to CI: it is CPU-only compile work, and here every kernel
+                 compiles for the real device anyway.
 2. ``attention`` deberta_fast.benchmark.gpu_attention at L = 512 and 8192 (correctness, timing, memory, targets).
 3. ``adapters``  deberta_fast.benchmark.gpu_adapters at width 768 (LoRA, q/k/v LoRA, bottleneck, IA³).
 4. ``sweep``     tile sweep of the attention forward and backward: BLOCK_M, BLOCK_N in {32, 64, 128}, num_warps in

@@ -148,6 +148,16 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result
+def float32_matmul_allows_tf32() -> bool:
+    """Whether ``torch.get_float32_matmul_precision()`` lets float32 matmuls use TF32 ("high" or "medium").
+
+    dynamo cannot trace that call (it returns a str), which broke ``torch.compile(fullgraph=True)`` on CUDA only;
+    a constant under tracing is safe because the precision is part of the global state that dynamo guards on, so a
+    compiled graph is recompiled when it changes (tests/test_compile_export.py checks this)."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def draw_seed(device: torch.device) -> Tensor:
     """int64 [1] dropout seed drawn on ``device`` from torch's generator (no host synchronisation)."""
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
@@ -186,7 +196,7 @@ def disentangled_attention_triton(
     c2p = spec is not None and spec.c2p
     p2c = spec is not None and spec.p2c
     if allow_tf32 is None:
-        allow_tf32 = query.device.type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+        allow_tf32 = query.device.type == "cuda" and float32_matmul_allows_tf32()
     if dropout_p > 0.0:
         if seed is None:
             seed = draw_seed(query.device)
