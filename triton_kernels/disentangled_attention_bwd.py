@@ -28,6 +28,10 @@ positional-gradient work out of the band loop (per-block slot sums applied after
 dots over the head dim did not lower the spills (measured); 16-row query tiles halve the dQ kernel's
 spills but leave half of every warp's score MMAs redundant. Spill-free needs tiles whose accumulators split
 over warps by rows (BLOCK >= BLOCK_D, [num_warps, 1]), which the WIN-wide positional windows make expensive.
+Of the forward's fixes, tile base + int32 offsets hidden from LSR and 32-bit row / column bounds lower the worst
+case on every target (fp16/bf16, c2p+p2c, bucketed, mask, dropout, 32 x 32, 8 warps: 848 -> 768 bytes on sm_90,
+416 -> 240 on sm_120); specialising HEAD_DIM (vector loads) or computing the positional terms before the content
+dot raised the spills on sm_100 here (measured), so the kernels keep HEAD_DIM unspecialised and the content dot first.
 """
 
 from __future__ import annotations
@@ -66,9 +70,6 @@ from .disentangled_attention_fwd import (
     masked_scores,
     opaque_offset,
 )
-
-# HEAD_DIM specialised as in the forward (16-byte vector loads of every [rows, BLOCK_D] tile).
-NO_SPECIALIZE = [name for name in NO_SPECIALIZE_BWD if name != "HEAD_DIM"]
 
 
 @triton.jit
@@ -167,17 +168,13 @@ def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, 
         if MODE == MODE_WINDOW and (HAS_C2P or HAS_P2C):
             slots = window_slots(m0, n0, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET,
                                  BLOCK_N, WIN)
-            # Positional terms first, the content dot last with their sum as its accumulator (as in the forward).
+            s = mm(q, tl.trans(k), PREC)
             if HAS_C2P:
                 pkw = load_slot_rows(pk_base, slots, spks, spkd, dcol, HEAD_DIM, INTERPRET).to(q.dtype)
-                pos = tl.gather(mm(q, tl.trans(pkw), PREC), rel, 1)
-                if HAS_P2C:
-                    pqw = load_slot_rows(pq_base, slots, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
-                    pos += tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
-            else:
+                s += tl.gather(mm(q, tl.trans(pkw), PREC), rel, 1)
+            if HAS_P2C:
                 pqw = load_slot_rows(pq_base, slots, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
-                pos = tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
-            s = mm(q, tl.trans(k), PREC) + pos
+                s += tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
         else:
             s = mm(q, tl.trans(k), PREC)
             if MODE != MODE_WINDOW:
@@ -215,7 +212,7 @@ def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, 
     return dq
 
 
-@triton.jit(do_not_specialize=NO_SPECIALIZE)
+@triton.jit(do_not_specialize=NO_SPECIALIZE_BWD)
 def _disentangled_bwd_dq_kernel(
     Q, K, V, PK, PQ, MASK, SEED, OUT, DOUT, LSE, DELTA, DQ, PART,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
@@ -352,17 +349,13 @@ def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, 
         if MODE == MODE_WINDOW and (HAS_C2P or HAS_P2C):
             slots = window_slots(m0, n0, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET,
                                  BLOCK_N, WIN)
-            # Positional terms first, the content dot last with their sum as its accumulator (as in the forward).
+            s = mm(q, tl.trans(k), PREC)
             if HAS_C2P:
                 pkw = load_slot_rows(pk_base, slots, spks, spkd, dcol, HEAD_DIM, INTERPRET).to(q.dtype)
-                pos = tl.gather(mm(q, tl.trans(pkw), PREC), rel, 1)
-                if HAS_P2C:
-                    pqw = load_slot_rows(pq_base, slots, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
-                    pos += tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
-            else:
+                s += tl.gather(mm(q, tl.trans(pkw), PREC), rel, 1)
+            if HAS_P2C:
                 pqw = load_slot_rows(pq_base, slots, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
-                pos = tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
-            s = mm(q, tl.trans(k), PREC) + pos
+                s += tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
         else:
             s = mm(q, tl.trans(k), PREC)
             if MODE != MODE_WINDOW:
@@ -403,7 +396,7 @@ def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, 
     return dk, dv
 
 
-@triton.jit(do_not_specialize=NO_SPECIALIZE)
+@triton.jit(do_not_specialize=NO_SPECIALIZE_BWD)
 def _disentangled_bwd_dkv_kernel(
     Q, K, V, PK, PQ, MASK, SEED, DOUT, LSE, DELTA, DK, DV, PART,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
