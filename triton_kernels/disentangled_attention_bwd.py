@@ -28,6 +28,10 @@ positional-gradient work out of the band loop (per-block slot sums applied after
 dots over the head dim did not lower the spills (measured); 16-row query tiles halve the dQ kernel's
 spills but leave half of every warp's score MMAs redundant. Spill-free needs tiles whose accumulators split
 over warps by rows (BLOCK >= BLOCK_D, [num_warps, 1]), which the WIN-wide positional windows make expensive.
+Of the forward's fixes, tile base + int32 offsets hidden from LSR and 32-bit row / column bounds lower the worst
+case on every target (fp16/bf16, c2p+p2c, bucketed, mask, dropout, 32 x 32, 8 warps: 848 -> 768 bytes on sm_90,
+416 -> 240 on sm_120); specialising HEAD_DIM (vector loads) or computing the positional terms before the content
+dot raised the spills on sm_100 here (measured), so the kernels keep HEAD_DIM unspecialised and the content dot first.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ from ._common import (
     dropout_keep,
     interpreting,
     kernel_position_args,
-    load_rows,
     load_vec,
     mask_arg,
     mm,
@@ -55,7 +58,18 @@ from ._common import (
     window_slots,
 )
 from .attention_tiles import attention_tiles
-from .disentangled_attention_fwd import MODE_SAT_HI, MODE_SAT_LO, MODE_WINDOW, content_tile_ranges, masked_scores
+from .disentangled_attention_fwd import (
+    MODE_SAT_HI,
+    MODE_SAT_LO,
+    MODE_WINDOW,
+    _check_int32_offsets,
+    _register_cap,
+    content_tile_ranges,
+    load_slot_rows,
+    load_tile,
+    masked_scores,
+    opaque_offset,
+)
 
 
 @triton.jit
@@ -142,29 +156,32 @@ def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, 
     for t in range(t_start, t_stop):
         n0 = t * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_in = cols < L
-        k = load_rows(k_base, P + cols, col_in, skl, skd, dcol, HEAD_DIM, INTERPRET)
-        v = load_rows(v_base, P + cols, col_in, svl, svd, dcol, HEAD_DIM, INTERPRET)
+        # 32-bit bound against the scalar L - n0, tile base + int32 offsets: see the forward's content loop.
+        col_in = tl.arange(0, BLOCK_N) < L - n0
+        k = load_tile(k_base, P + n0, P + L, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
+        v = load_tile(v_base, P + n0, P + L, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
         if HAS_MASK:
-            col_ok = (tl.load(mask_base + cols * sml, mask=col_in, other=0) != 0) & col_in
+            mask_tile = mask_base + opaque_offset(tl.cast(n0, tl.int64) * sml, INTERPRET)
+            col_ok = (tl.load(mask_tile + tl.arange(0, BLOCK_N) * sml, mask=col_in, other=0) != 0) & col_in
         else:
             col_ok = col_in
-        s = mm(q, tl.trans(k), PREC)
-        if MODE == MODE_WINDOW:
-            if HAS_C2P or HAS_P2C:
-                slots = window_slots(m0, n0, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET,
-                                     BLOCK_N, WIN)
+        if MODE == MODE_WINDOW and (HAS_C2P or HAS_P2C):
+            slots = window_slots(m0, n0, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET,
+                                 BLOCK_N, WIN)
+            s = mm(q, tl.trans(k), PREC)
             if HAS_C2P:
-                pkw = load_rows(pk_base, slots, slots >= 0, spks, spkd, dcol, HEAD_DIM, INTERPRET).to(q.dtype)
+                pkw = load_slot_rows(pk_base, slots, spks, spkd, dcol, HEAD_DIM, INTERPRET).to(q.dtype)
                 s += tl.gather(mm(q, tl.trans(pkw), PREC), rel, 1)
             if HAS_P2C:
-                pqw = load_rows(pq_base, slots, slots >= 0, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
+                pqw = load_slot_rows(pq_base, slots, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
                 s += tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
         else:
-            if HAS_C2P:
-                s += c_row[:, None]
-            if HAS_P2C:
-                s += tl.sum(k.to(tl.float32) * pq_sat[None, :], 1)[None, :]
+            s = mm(q, tl.trans(k), PREC)
+            if MODE != MODE_WINDOW:
+                if HAS_C2P:
+                    s += c_row[:, None]
+                if HAS_P2C:
+                    s += tl.sum(k.to(tl.float32) * pq_sat[None, :], 1)[None, :]
         s, valid = masked_scores(s * qk_scale, row_ok, col_ok, col_in, P)
         p = tl.math.exp2(s - lse[:, None])
         dp = mm(do, tl.trans(v), PREC)
@@ -227,10 +244,10 @@ def _disentangled_bwd_dq_kernel(
         bh = (b * H + h).to(tl.int32)
         m0 = (item % n_mblocks) * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
-        row_in = rows < L
-        q = load_rows(Q + b * sqb + h * sqh, rows, row_in, sql, sqd, dcol, HEAD_DIM, INTERPRET)
-        do = load_rows(DOUT + b * sdob + h * sdoh, rows, row_in, sdol, sdod, dcol, HEAD_DIM, INTERPRET)
-        o = load_rows(OUT + b * sob + h * soh, rows, row_in, sol, sod, dcol, HEAD_DIM, INTERPRET)
+        row_in = tl.arange(0, BLOCK_M) < L - m0
+        q = load_tile(Q + b * sqb + h * sqh, m0, L, sql, sqd, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
+        do = load_tile(DOUT + b * sdob + h * sdoh, m0, L, sdol, sdod, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
+        o = load_tile(OUT + b * sob + h * soh, m0, L, sol, sod, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + (b * H + h) * L + rows, delta, mask=row_in)
         lse = tl.load(LSE + (b * H + h) * L + rows, mask=row_in, other=float("inf"))
@@ -245,9 +262,9 @@ def _disentangled_bwd_dq_kernel(
 
         for n0 in range(0, P, BLOCK_N):
             kc = n0 + tl.arange(0, BLOCK_N)
-            k_in = kc < P
-            k = load_rows(k_base, kc, k_in, skl, skd, dcol, HEAD_DIM, INTERPRET)
-            v = load_rows(v_base, kc, k_in, svl, svd, dcol, HEAD_DIM, INTERPRET)
+            k_in = tl.arange(0, BLOCK_N) < P - n0
+            k = load_tile(k_base, n0, P, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
+            v = load_tile(v_base, n0, P, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
             valid = row_in[:, None] & k_in[None, :]
             p = tl.math.exp2(tl.where(valid, mm(q, tl.trans(k), PREC) * qk_scale, float("-inf")) - lse[:, None])
             dp = mm(do, tl.trans(v), PREC)
@@ -317,31 +334,35 @@ def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, 
     for t in range(t_start, t_stop):
         m0 = t * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
-        row_in = rows < L
-        q = load_rows(q_base, rows, row_in, sql, sqd, dcol, HEAD_DIM, INTERPRET)
-        do = load_rows(do_base, rows, row_in, sdol, sdod, dcol, HEAD_DIM, INTERPRET)
-        lse = tl.load(LSE + (b * H + h) * L + rows, mask=row_in, other=float("inf"))
-        delta = tl.load(DELTA + (b * H + h) * L + rows, mask=row_in, other=0.0)
+        # 32-bit bound against the scalar L - m0, tile base + int32 offsets: see the forward's content loop.
+        row_in = tl.arange(0, BLOCK_M) < L - m0
+        q = load_tile(q_base, m0, L, sql, sqd, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
+        do = load_tile(do_base, m0, L, sdol, sdod, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
+        row_vec = opaque_offset(tl.cast(bh, tl.int64) * L + m0, INTERPRET)
+        lse = tl.load(LSE + row_vec + tl.arange(0, BLOCK_M), mask=row_in, other=float("inf"))
+        delta = tl.load(DELTA + row_vec + tl.arange(0, BLOCK_M), mask=row_in, other=0.0)
         if HAS_MASK:
-            row_ok = (tl.load(mask_base + rows * sml, mask=row_in, other=0) != 0) & row_in
+            mask_tile = mask_base + opaque_offset(tl.cast(m0, tl.int64) * sml, INTERPRET)
+            row_ok = (tl.load(mask_tile + tl.arange(0, BLOCK_M) * sml, mask=row_in, other=0) != 0) & row_in
         else:
             row_ok = row_in
-        s = mm(q, tl.trans(k), PREC)
-        if MODE == MODE_WINDOW:
-            if HAS_C2P or HAS_P2C:
-                slots = window_slots(m0, n0, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET,
-                                     BLOCK_N, WIN)
+        if MODE == MODE_WINDOW and (HAS_C2P or HAS_P2C):
+            slots = window_slots(m0, n0, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET,
+                                 BLOCK_N, WIN)
+            s = mm(q, tl.trans(k), PREC)
             if HAS_C2P:
-                pkw = load_rows(pk_base, slots, slots >= 0, spks, spkd, dcol, HEAD_DIM, INTERPRET).to(q.dtype)
+                pkw = load_slot_rows(pk_base, slots, spks, spkd, dcol, HEAD_DIM, INTERPRET).to(q.dtype)
                 s += tl.gather(mm(q, tl.trans(pkw), PREC), rel, 1)
             if HAS_P2C:
-                pqw = load_rows(pq_base, slots, slots >= 0, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
+                pqw = load_slot_rows(pq_base, slots, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
                 s += tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
         else:
-            if HAS_C2P:
-                s += tl.sum(q.to(tl.float32) * pk_sat[None, :], 1)[:, None]
-            if HAS_P2C:
-                s += kc_sat[None, :]
+            s = mm(q, tl.trans(k), PREC)
+            if MODE != MODE_WINDOW:
+                if HAS_C2P:
+                    s += tl.sum(q.to(tl.float32) * pk_sat[None, :], 1)[:, None]
+                if HAS_P2C:
+                    s += kc_sat[None, :]
         s, valid = masked_scores(s * qk_scale, row_ok, col_ok, col_in, P)
         p = tl.where(row_in[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = mm(do, tl.trans(v), PREC)
@@ -417,17 +438,21 @@ def _disentangled_bwd_dkv_kernel(
         n0 = (blk - n_prefix_blocks) * BLOCK_N  # content block start (meaningless for a prefix block)
         cols = n0 + tl.arange(0, BLOCK_N)
         kidx = tl.where(is_prefix, blk * BLOCK_N + tl.arange(0, BLOCK_N), P + cols)
-        k_in = tl.where(is_prefix, kidx < P, cols < L)
-        k = load_rows(K + b * skb + h * skh, kidx, k_in, skl, skd, dcol, HEAD_DIM, INTERPRET)
-        v = load_rows(V + b * svb + h * svh, kidx, k_in, svl, svd, dcol, HEAD_DIM, INTERPRET)
+        k_first = tl.where(is_prefix, blk * BLOCK_N, P + n0)
+        k_stop = tl.where(is_prefix, P, P + L)
+        k_in = tl.arange(0, BLOCK_N) < k_stop - k_first
+        k = load_tile(K + b * skb + h * skh, k_first, k_stop, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
+        v = load_tile(V + b * svb + h * svh, k_first, k_stop, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
         if is_prefix:
             for t in range(0, n_mtiles):
-                rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-                row_in = rows < L
-                q = load_rows(q_base, rows, row_in, sql, sqd, dcol, HEAD_DIM, INTERPRET)
-                do = load_rows(do_base, rows, row_in, sdol, sdod, dcol, HEAD_DIM, INTERPRET)
-                lse = tl.load(LSE + (b * H + h) * L + rows, mask=row_in, other=float("inf"))
-                delta = tl.load(DELTA + (b * H + h) * L + rows, mask=row_in, other=0.0)
+                m0 = t * BLOCK_M
+                rows = m0 + tl.arange(0, BLOCK_M)
+                row_in = tl.arange(0, BLOCK_M) < L - m0
+                q = load_tile(q_base, m0, L, sql, sqd, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
+                do = load_tile(do_base, m0, L, sdol, sdod, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
+                row_vec = opaque_offset(tl.cast(bh, tl.int64) * L + m0, INTERPRET)
+                lse = tl.load(LSE + row_vec + tl.arange(0, BLOCK_M), mask=row_in, other=float("inf"))
+                delta = tl.load(DELTA + row_vec + tl.arange(0, BLOCK_M), mask=row_in, other=0.0)
                 valid = row_in[:, None] & k_in[None, :]
                 s = tl.where(valid, mm(q, tl.trans(k), PREC) * qk_scale, float("-inf"))
                 p = tl.math.exp2(s - lse[:, None])
@@ -571,7 +596,7 @@ def disentangled_attention_backward(
         HAS_C2P=bool(c2p), HAS_P2C=bool(p2c), BUCKETED=consts["BUCKETED"], HAS_MASK=attention_mask is not None,
         DROPOUT=dropout, INTERPRET=interpret, PREC="tf32" if allow_tf32 else "ieee",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, WIN=window_size(bm, bn),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **_register_cap(interpret),
     )
     scalars = (
         *kernel_position_args(consts), lo, hi,
@@ -579,6 +604,9 @@ def disentangled_attention_backward(
         float(1.0 / (1.0 - dropout_p)) if dropout else 1.0,
     )
     seed_arg = seed if dropout else query
+    _check_int32_offsets(query=(query, bm), out=(out, bm), grad_out=(grad_out, bm), key=(key, bn),
+                         value=(value, bn), pos_key=(pos_key if c2p else None, None),
+                         pos_query=(pos_query if p2c else None, None))
     pk_strides = table_strides(pos_key if c2p else None)
     pq_strides = table_strides(pos_query if p2c else None)
 
