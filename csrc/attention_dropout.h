@@ -176,12 +176,17 @@ class AttentionDropout {
   float scale_ = 1.f;
 };
 
+// The value of a call's optional int64 [1] seed tensor, which every dropout of the library needs when dropout_p > 0.
+inline int64_t dropout_seed_value(const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device().is_cpu(),
+              "deberta_fast_cpu: dropout_p > 0 needs seed, an int64 CPU tensor with one element");
+  return seed->contiguous().data_ptr<int64_t>()[0];
+}
+
 // The dropout of a call from its optional int64 [1] seed (required when dropout_p > 0).
 inline AttentionDropout make_dropout(const std::optional<at::Tensor>& seed, double dropout_p) {
   if (dropout_p == 0.0) return AttentionDropout();
-  TORCH_CHECK(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device().is_cpu(),
-              "deberta_fast_cpu: dropout_p > 0 needs seed, an int64 CPU tensor with one element");
-  return AttentionDropout(seed->contiguous().data_ptr<int64_t>()[0], dropout_p);
+  return AttentionDropout(dropout_seed_value(seed), dropout_p);
 }
 
 }  // namespace deberta_fast_cpu

@@ -153,9 +153,7 @@ class HiddenDropout {
 // The hidden dropout of a call from its optional int64 [1] seed (required when dropout_p > 0).
 inline HiddenDropout make_hidden_dropout(const std::optional<at::Tensor>& seed, double dropout_p) {
   if (dropout_p == 0.0) return HiddenDropout();
-  TORCH_CHECK(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device().is_cpu(),
-              "deberta_fast_cpu: dropout_p > 0 needs seed, an int64 CPU tensor with one element");
-  return HiddenDropout(seed->contiguous().data_ptr<int64_t>()[0], dropout_p);
+  return HiddenDropout(dropout_seed_value(seed), dropout_p);
 }
 
 }  // namespace deberta_fast_cpu
