@@ -97,6 +97,21 @@ inline __m256i philox_word0_8(__m256i c0, __m256i c1, __m256i c2, __m256i c3, ui
 #endif
 
 // The dropout of one call. Off when dropout_p == 0 (every factor is 1 and nothing is generated).
+// Smallest folded word y in [0, 2^31 - 1] with float(y) * kUniformScale >= p (the test is monotone in y; y = 2^31 - 1
+// always passes for p < 1 in float32): an element is kept when its word reaches this threshold.
+inline int32_t dropout_threshold(float p) {
+  int64_t lo = 0, hi = int64_t(0x7FFFFFFF);
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (static_cast<float>(static_cast<int32_t>(mid)) * kUniformScale >= p) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return static_cast<int32_t>(lo);
+}
+
 class AttentionDropout {
  public:
   AttentionDropout() = default;
@@ -109,18 +124,7 @@ class AttentionDropout {
     k1_ = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
     const float p = static_cast<float>(dropout_p);
     scale_ = static_cast<float>(1.0 / (1.0 - dropout_p));
-    // Smallest y in [0, 2^31 - 1] with float(y) * kUniformScale >= p (the test is monotone in y); y = 2^31 - 1
-    // always passes for p < 1 in float32.
-    int64_t lo = 0, hi = int64_t(0x7FFFFFFF);
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (static_cast<float>(static_cast<int32_t>(mid)) * kUniformScale >= p) {
-        hi = mid;
-      } else {
-        lo = mid + 1;
-      }
-    }
-    threshold_ = static_cast<int32_t>(lo);
+    threshold_ = dropout_threshold(p);
   }
 
   bool on() const { return on_; }

@@ -79,18 +79,7 @@ class HiddenDropout {
     k0_ = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFu);
     k1_ = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
     scale_ = static_cast<float>(1.0 / (1.0 - dropout_p));
-    // Smallest folded word y with float(y) * kUniformScale >= p (monotone in y), as AttentionDropout does.
-    const float p = static_cast<float>(dropout_p);
-    int64_t lo = 0, hi = int64_t(0x7FFFFFFF);
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (static_cast<float>(static_cast<int32_t>(mid)) * kUniformScale >= p) {
-        hi = mid;
-      } else {
-        lo = mid + 1;
-      }
-    }
-    threshold_ = static_cast<int32_t>(lo);
+    threshold_ = dropout_threshold(static_cast<float>(dropout_p));
   }
 
   bool on() const { return on_; }
