@@ -11,6 +11,8 @@ The fused path serves CPU tensors when the submodules are exactly torch's Linear
 and transformers' exact GELU, without module hooks, and the requested backend is auto, cpu or reference. Otherwise
 transformers' forward runs unchanged: CUDA tensors (the GPU path is the GEMM's bias epilogue and ATen's kernels),
 the triton backend requested (these ops have no Triton kernels), PEFT / adapter wrappers or hooks on a submodule.
+Under CPU autocast the products run in the autocast dtype as transformers' would: bias + GELU in that dtype,
+residual + LayerNorm in the parameters' dtype (autocast keeps LayerNorm in fp32).
 In train mode the native op's hidden dropout masks come from its counter-based stream, not torch's bernoulli draws
 (``use_backend("reference")`` reproduces transformers' masks).
 """
@@ -61,6 +63,10 @@ def _residual_layernorm_block(block, hidden_states, input_tensor):
     ):
         return None
     x = F.linear(hidden_states, block.dense.weight)
+    if x.dtype != norm.weight.dtype and torch.is_autocast_enabled("cpu"):
+        # Under autocast the GEMM runs in bf16, while transformers' residual sum and LayerNorm run in fp32 (autocast
+        # keeps layer_norm in fp32): the fused op takes the product in the parameters' dtype.
+        x = x.to(norm.weight.dtype)
     p = dropout.p if dropout.training else 0.0
     return residual_layernorm(x, block.dense.bias, input_tensor, norm.weight, norm.bias, norm.eps, p)
 
@@ -95,5 +101,9 @@ class DebertaV2Intermediate(hf.DebertaV2Intermediate):
             and act.act is F.gelu
             and _fusable(hidden_states, self, act)
         ):
-            return bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
+            x = F.linear(hidden_states, self.dense.weight)
+            bias = self.dense.bias
+            if bias.dtype != x.dtype and torch.is_autocast_enabled("cpu"):
+                bias = bias.to(x.dtype)  # autocast's linear adds its bias in the GEMM's dtype, and GELU runs there
+            return bias_gelu(x, bias)
         return super().forward(hidden_states)
