@@ -289,8 +289,7 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
           }
           for (int64_t r = 0; r < bm; ++r) {
             float* row = S + r * ldS;
-            if constexpr (kLowp) scale_row(row, pnp, g.scale);
-            const float mx = add_positions_and_mask(row, pnp, nullptr, col_ok, pn == pnp);
+            const float mx = add_positions_and_mask(row, pnp, nullptr, col_ok, pn == pnp, kLowp ? g.scale : 1.f);
             online_update(row, pnp, mx, m[r], l[r], acc + r * Dv, Dv);
             if (drop.on()) {
               drop.factors(bh, i0 + r, 0, p0, 1, pn, pnp, drop.scale(), w.factor.data());
@@ -346,7 +345,6 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
               if constexpr (kLowp) std::memset(S16 + r * ldS, 0, sizeof(bf16) * bnp);
               continue;
             }
-            if constexpr (kLowp) scale_row(row, bnp, g.scale);
             if (g.positions()) {
               rp.sigma = slots.query_rows.row_ptr(i0 + r, j0);
               rp.row_term = g.c2p ? c2p_blk + r * ldW : nullptr;
@@ -354,7 +352,7 @@ void forward_kernel(const Geometry& g, const Slots& slots, const TokenMask& mask
             }
             if (pair.present) pair.fill_row(b, h, i0 + r, j0, bn, bnp, col_ok);
             const float mx = add_positions_and_mask(row, bnp, g.positions() ? &rp : nullptr, col_ok,
-                                                    all_valid && !pair.present);
+                                                    all_valid && !pair.present, kLowp ? g.scale : 1.f);
             online_update(row, bnp, mx, m[r], l[r], acc + r * Dv, Dv);
             if (drop.on()) {
               drop.factors(bh, i0 + r, 0, P + j0, 1, bn, bnp, drop.scale(), w.factor.data());
