@@ -51,17 +51,25 @@ inline bool bf16_tiles_available() {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx512bf16") && !__builtin_cpu_supports("amx-bf16")) return false;
     try {
-      // [1, 4] . [4, 16]: a = (1, 2, 3, 4), b(k, n) = n + k, so c(n) = 10 n + 20 (exact in bf16 and fp32).
-      alignas(64) bf16 a[4] = {bf16(1.f), bf16(2.f), bf16(3.f), bf16(4.f)};
-      alignas(64) bf16 b[4 * 16];
-      for (int k = 0; k < 4; ++k) {
-        for (int n = 0; n < 16; ++n) b[(k / 2) * 32 + 2 * n + k % 2] = bf16(static_cast<float>(n + k));
+      // [3, 6] . [6, 48] of small integers (exact in bf16 and in fp32 sums): an odd number of pairs of k and a
+      // number of columns that is not a multiple of 32, so a layout other than the plain VNNI one would show.
+      constexpr int M = 3, N = 48, K = 6;
+      bf16 a[M * K], b[K * N];
+      float c[M * N];
+      for (int m = 0; m < M; ++m) {
+        for (int k = 0; k < K; ++k) a[m * K + k] = bf16(static_cast<float>(m + k + 1));
       }
-      alignas(64) float c[16];
-      at::native::cpublas::brgemm(1, 16, 4, 4, 16, 16, false, a, b, c, /*is_vnni=*/true);
+      for (int k = 0; k < K; ++k) {
+        for (int n = 0; n < N; ++n) b[(k / 2) * 2 * N + 2 * n + k % 2] = bf16(static_cast<float>(n % 7 - k));
+      }
+      at::native::cpublas::brgemm(M, N, K, K, N, N, false, a, b, c, /*is_vnni=*/true);
       release_bf16_tiles();
-      for (int n = 0; n < 16; ++n) {
-        if (c[n] != static_cast<float>(10 * n + 20)) return false;
+      for (int m = 0; m < M; ++m) {
+        for (int n = 0; n < N; ++n) {
+          float expected = 0.f;
+          for (int k = 0; k < K; ++k) expected += static_cast<float>((m + k + 1) * (n % 7 - k));
+          if (c[m * N + n] != expected) return false;
+        }
       }
       return true;
     } catch (...) {

@@ -84,3 +84,18 @@ def test_bf16_forward_matches_the_fp32_tiles_on_the_same_values(case, pair):
     bound = 2.0 ** -8 * tensors[2].float().abs().max().item() + 1e-6
     error = (out16.float() - out32).abs().max().item()
     assert error <= bound, f"output error {error} > 2^-8 max|V| = {bound}"
+
+
+def test_bf16_forward_is_bitwise_identical_for_one_and_two_threads():
+    tensors, mask, kwargs = make_call("v3", 300, "holes", prefix=2, pos_batch=3, dtype=torch.bfloat16)
+    tensors = [t.detach() for t in tensors]
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(raw_forward(tensors, mask, kwargs))
+    finally:
+        torch.set_num_threads(previous)
+    # exact by design: every tile's products and sums run on one thread in a fixed order, whichever thread it is
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
