@@ -61,7 +61,7 @@ __all__ = ["DebertaV2IntermediateWithAdapters", "DebertaV2OutputWithAdapters", "
 
 def _plain_dense(dense: nn.Module) -> bool:
     """Whether dense(x) is exactly F.linear(x, dense.weight, dense.bias) in this pass, with a bias, run unhooked."""
-    if has_hooks(dense) or dense.bias is None:
+    if has_hooks(dense) or getattr(dense, "bias", None) is None:
         return False
     if type(dense) is nn.Linear:
         return True
