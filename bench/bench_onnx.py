@@ -12,6 +12,8 @@ session: CPU provider, graph optimisation level ``--opt-level`` (all by default)
 threads would otherwise steal the cores of the next one in the interleaved loop). Times are medians of interleaved
 repetitions (the two sessions take turns). Also reported: max |difference| of each export's output against the
 PyTorch model. Prints a table and writes bench/results/onnx_<date>.csv with the machine, versions and git revision.
+``--profile`` also runs ONNX Runtime's profiler on both sessions and prints, per export, the time by op type (each
+node's fastest repetition, the least disturbed on a loaded machine; the warm-up run left out).
 
 At L=2048 the default uses 2 layers (12 layers take minutes per repetition with transformers' export on 2 cores);
 ``--layers`` changes both.
@@ -67,7 +69,7 @@ def export(model, path: str, exporter: str, example_length: int = 16) -> None:
                               dynamic_axes={name: axes for name in names}, opset_version=17)
 
 
-def make_session(path: str, threads: int, opt_level: str):
+def make_session(path: str, threads: int, opt_level: str, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -81,6 +83,9 @@ def make_session(path: str, threads: int, opt_level: str):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -108,7 +113,8 @@ def bench_case(length: int, layers: int, args, workdir: str) -> list[dict]:
             expected = model(input_ids=input_ids, attention_mask=mask).last_hidden_state.numpy()
         del model
         gc.collect()
-        sessions[provider] = make_session(path, args.threads, args.opt_level)
+        prefix = os.path.join(workdir, f"profile_{provider}_{length}") if args.profile else None
+        sessions[provider] = make_session(path, args.threads, args.opt_level, prefix)
         got = sessions[provider].run(None, feed)[0]
         errors[provider] = float(np.abs(got - expected).max())
 
@@ -120,6 +126,9 @@ def bench_case(length: int, layers: int, args, workdir: str) -> list[dict]:
             sess.run(None, feed)
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
+    if args.profile:
+        for name, sess in sessions.items():
+            print_profile(f"{name}, L={length}, {layers} layers", sess.end_profiling())
     rows = []
     for name in sessions:
         rows.append(dict(
@@ -133,6 +142,26 @@ def bench_case(length: int, layers: int, args, workdir: str) -> list[dict]:
     return rows
 
 
+def print_profile(title: str, trace_path: str, top: int = 14) -> None:
+    """Per op type: the sum over nodes of each node's fastest run (the first, warm-up run left out)."""
+    import collections
+    import json
+
+    with open(trace_path) as handle:
+        events = json.load(handle)
+    runs, op_of = collections.defaultdict(list), {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            runs[event["name"]].append(event["dur"])
+            op_of[event["name"]] = event["args"]["op_name"]
+    by_op = collections.Counter()
+    for node, durations in runs.items():
+        by_op[op_of[node]] += min(durations[1:] or durations) / 1e6
+    print(f"ORT profile, {title}: {sum(by_op.values()):.3f} s in nodes; by op type:")
+    for op, seconds in by_op.most_common(top):
+        print(f"  {op:24s} {seconds:8.3f} s")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="L=128 and 256 with 2 layers, 3 repetitions")
@@ -144,6 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--opt-level", choices=OPT_LEVELS, default="all", help="ONNX Runtime graph optimisation")
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     parser.add_argument("--vocab", type=int, default=128100)
+    parser.add_argument("--profile", action="store_true", help="print ONNX Runtime's profile of both sessions")
     parser.add_argument("--out", default=None, help="CSV path (default bench/results/onnx_<date>.csv)")
     args = parser.parse_args(argv)
     lengths = args.lengths or ([128, 256] if args.quick else [512, 2048])

@@ -215,8 +215,8 @@ def test_bottleneck_variants_follow_adapterhub_placement(variant):
                 h = block.dense(x)
                 reference = _bottleneck_reference(adapter, config, h, inp, block.LayerNorm)
             torch.testing.assert_close(ours, reference, rtol=0, atol=TOL)
-            with torch.no_grad():  # exact: without an active adapter the block runs the same ops on the same tensors
-                torch.testing.assert_close(block(x, inp), block.LayerNorm(h + inp), rtol=0, atol=0)
+            with torch.no_grad():  # no active adapter: the fused residual + LayerNorm tail (another rounding order)
+                torch.testing.assert_close(block(x, inp), block.LayerNorm(h + inp), rtol=0, atol=TOL)
 
 
 def test_bottleneck_stack_and_average():
@@ -256,8 +256,9 @@ def test_initialisation_schemes():
         model.add_adapter(name, config=config, set_active=True)
         with torch.no_grad():
             diff = float((model(**inputs).last_hidden_state - base).abs().max())
-        # exact for no-op inits: the same base GEMMs run and the adapter adds exact zeros (or scales by 1)
-        assert (diff == 0.0) if no_op else (diff > 1e-6), (name, diff)
+        # no-op inits add exact zeros (or scale by 1), but an adapter on a block moves it off the fused tail ops
+        # (models/output_blocks.py) to the adapter path: the same values up to rounding
+        assert (diff <= 1e-5) if no_op else (diff > 1e-4), (name, diff)
     houlsby = model.deberta.encoder.layer[0].output.adapters["hou"].adapter_up.weight
     assert houlsby.abs().max() <= 2e-2
     state = torch.random.get_rng_state()

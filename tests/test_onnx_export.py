@@ -278,6 +278,32 @@ def test_graph_has_no_quadratic_transpose_and_no_double_width_buffer(tmp_path):
             assert not (len(shape) >= 2 and shape[-2] == length and shape[-1] >= 2 * length), (node.name, shape)
 
 
+def test_attention_passes_of_at_least_quadratic_size(tmp_path):
+    """Every node of one layer's attention that writes at least L² values per (batch, head), Reshapes aside (free
+    in ONNX Runtime), by op type: the two band row Gathers, the p2c shift (one Pad), the band Add and Transpose, the
+    skew (one Pad to the [W - 1, W] buffer, one crop Pad: no Slice, no row flip), v_j's Add, Trilu, the score
+    MatMul, its Add and the Softmax. The previous graph had 14 (a row flip Slice and a second crop Pad more).
+    L=41 with R = 24, so that the band (2r + 1 = 49 columns) is about L wide, as at L=2048 with v3's R = 512."""
+    import collections
+
+    length = 41
+    model = build("DebertaV2Model", "small_buckets")
+    assert saturated_slot_table(model.encoder.layer[0].attention.self.position_spec)[0] == 24
+    path = export(model, str(tmp_path / "fast.onnx"), "torchscript")
+    sess = session(path, all_values=True)
+    names = [output.name for output in sess.get_outputs()]
+    input_ids, mask = make_inputs(2, length)
+    values = dict(zip(names, run(sess, input_ids, mask)))
+    per_row_pair = 2 * model.config.num_attention_heads * length * length
+    found = collections.Counter(
+        node.op_type
+        for node in onnx.load(path).graph.node
+        if "layer.0/attention" in node.name and node.op_type != "Reshape"
+        and any(np.asarray(values[name]).size >= per_row_pair for name in node.output if name in values)
+    )
+    assert found == {"Gather": 2, "Pad": 3, "Add": 3, "Transpose": 1, "Trilu": 1, "MatMul": 1, "Softmax": 1}, found
+
+
 # ---- adapter models ------------------------------------------------------------------------------------------------
 
 

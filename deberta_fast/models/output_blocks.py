@@ -32,43 +32,72 @@ from ..ops.residual_layernorm import residual_layernorm
 FUSED_BACKENDS = ("auto", "cpu", "reference")
 
 
-def _hooked(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward / backward (pre-)hooks: then it must run as a module, not be fused away."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
 
 
 def _plain_linear(module) -> bool:
-    return type(module) is nn.Linear and module.bias is not None and not _hooked(module)
+    return type(module) is nn.Linear and module.bias is not None and not has_hooks(module)
 
 
 def _fusable(hidden_states: torch.Tensor, *modules: nn.Module) -> bool:
     return (
         hidden_states.device.type == "cpu"
-        and not any(_hooked(m) for m in modules)
+        and not any(has_hooks(m) for m in modules)
         and requested_backend() in FUSED_BACKENDS
     )
 
 
-def _residual_layernorm_block(block, hidden_states, input_tensor):
-    """The fused tail of a SelfOutput / Output block, or None when it does not apply (module docstring)."""
+def residual_layernorm_tail_applies(block: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether ``block``'s LayerNorm / dropout / device / backend let ``residual_layernorm_tail`` run it (module
+    docstring); what produces the tail's input (the dense) is the caller's check."""
     norm, dropout = block.LayerNorm, block.dropout
-    if not (
-        _plain_linear(block.dense)
-        and type(norm) is nn.LayerNorm
+    return (
+        type(norm) is nn.LayerNorm
         and norm.weight is not None
         and norm.bias is not None
         and tuple(norm.normalized_shape) == (block.dense.out_features,)
         and type(dropout) is nn.Dropout
         and _fusable(hidden_states, block, norm, dropout)
-    ):
-        return None
-    x = F.linear(hidden_states, block.dense.weight)
+    )
+
+
+def residual_layernorm_tail(block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                            input_tensor: torch.Tensor) -> torch.Tensor:
+    """block.LayerNorm(block.dropout(x + bias) + input_tensor) on the fused op; x [B, L, hidden] is the dense's output
+    without ``bias`` [hidden] (or with it, bias None). Only where ``residual_layernorm_tail_applies``."""
+    norm, dropout = block.LayerNorm, block.dropout
     if x.dtype != norm.weight.dtype and torch.is_autocast_enabled("cpu"):
         # Under autocast the GEMM runs in bf16, while transformers' residual sum and LayerNorm run in fp32 (autocast
         # keeps layer_norm in fp32): the fused op takes the product in the parameters' dtype.
         x = x.to(norm.weight.dtype)
     p = dropout.p if dropout.training else 0.0
-    return residual_layernorm(x, block.dense.bias, input_tensor, norm.weight, norm.bias, norm.eps, p)
+    return residual_layernorm(x, bias, input_tensor, norm.weight, norm.bias, norm.eps, p)
+
+
+def bias_gelu_tail(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu(x + bias) on the fused op; x [B, L, intermediate] is the dense's output without ``bias`` [intermediate].
+    Only where ``bias_gelu_tail_applies``."""
+    if bias.dtype != x.dtype and torch.is_autocast_enabled("cpu"):
+        bias = bias.to(x.dtype)  # autocast's linear adds its bias in the GEMM's dtype, and GELU runs there
+    return bias_gelu(x, bias)
+
+
+def bias_gelu_tail_applies(block: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether ``block``'s activation (transformers' exact GELU), device and backend let ``bias_gelu`` run its
+    activation; the dense is the caller's check."""
+    act = block.intermediate_act_fn
+    return type(act) is GELUActivation and act.act is F.gelu and _fusable(hidden_states, block, act)
+
+
+def _residual_layernorm_block(block, hidden_states, input_tensor):
+    """The fused tail of a SelfOutput / Output block, or None when it does not apply (module docstring)."""
+    if not (_plain_linear(block.dense) and residual_layernorm_tail_applies(block, hidden_states)):
+        return None
+    x = F.linear(hidden_states, block.dense.weight)
+    return residual_layernorm_tail(block, x, block.dense.bias, input_tensor)
 
 
 class DebertaV2SelfOutput(hf.DebertaV2SelfOutput):
@@ -94,16 +123,6 @@ class DebertaV2Intermediate(hf.DebertaV2Intermediate):
     on the fused op where it applies (module docstring: exact GELU only)."""
 
     def forward(self, hidden_states):
-        act = self.intermediate_act_fn
-        if (
-            _plain_linear(self.dense)
-            and type(act) is GELUActivation
-            and act.act is F.gelu
-            and _fusable(hidden_states, self, act)
-        ):
-            x = F.linear(hidden_states, self.dense.weight)
-            bias = self.dense.bias
-            if bias.dtype != x.dtype and torch.is_autocast_enabled("cpu"):
-                bias = bias.to(x.dtype)  # autocast's linear adds its bias in the GEMM's dtype, and GELU runs there
-            return bias_gelu(x, bias)
+        if _plain_linear(self.dense) and bias_gelu_tail_applies(self, hidden_states):
+            return bias_gelu_tail(F.linear(hidden_states, self.dense.weight), self.dense.bias)
         return super().forward(hidden_states)

@@ -35,13 +35,12 @@ from pathlib import Path
 
 import torch
 
-from . import native_cache
+from . import native_cache, native_op
 from .attention_dropout import draw_seed
 from .dispatch import logger
 from .positions import RelativePositionSpec, distance_slot_table, host_constants, saturated_slots
 
 NAMESPACE = "deberta_fast_cpu"
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CACHE_ENV_VAR = "DEBERTA_FAST_CACHE_DIR"
 _SOURCE_SUFFIXES = (".cpp", ".h")
 _BUILD_LOCK = threading.Lock()  # one build and one registration even when threads race to the first call
@@ -233,11 +232,7 @@ def unsupported_reasons(
     num_prefix_keys,
 ) -> list[str]:
     """Why the native CPU op cannot serve ``call`` (the argument tuple of ``disentangled_attention``)."""
-    reasons = []
-    if query.device.type != "cpu":
-        reasons.append(f"it runs on CPU tensors; these are on {query.device}")
-    if query.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {query.dtype} is not supported (float32, bfloat16, float16 are)")
+    reasons = native_op.tensor_reasons(query)
     if output_attentions:
         reasons.append("output_attentions=True needs the attention probabilities, which the fused op never stores")
     if not 0.0 <= dropout_p < 1.0:
@@ -250,12 +245,7 @@ def unsupported_reasons(
         reasons.append(f"the log buckets skip slots (position_buckets={spec.position_buckets}, "
                        f"max_relative_positions={spec.max_relative_positions}): neighbouring distances more than "
                        "one slot apart are not supported by the native op")
-    if reasons:
-        return reasons
-    error = build_error()
-    if error:
-        reasons.append(f"the native CPU op could not be built ({error})")
-    return reasons
+    return native_op.with_build_reason(reasons, build_error)
 
 
 def run(
@@ -264,9 +254,7 @@ def run(
 ):
     """Disentangled attention on the native op; returns (out [B, H, L, Dv], None). Inputs as validated by
     ``deberta_fast.ops.attention.check_attention_inputs`` and accepted by ``unsupported_reasons``."""
-    error = build_error()
-    if error:
-        raise RuntimeError(f"the native CPU op of disentangled attention could not be built: {error}")
+    native_op.require_built("disentangled attention", build_error)
     c2p = spec is not None and spec.c2p
     p2c = spec is not None and spec.p2c
     slot_table = _slot_table(query.shape[2], spec) if (c2p or p2c) else None

@@ -20,17 +20,20 @@ O(L) position handling: no [L, L] index tensor (transformers' export builds one,
 - One band for both terms, in query rows. Z[i, k] at distance d = r - k (k = 0 .. 2r):
   c2p part s·Q_i·(Pk[slot(d)] - Pk[slot(R)]) straight from the GEMM rows; p2c part s·K_{i-d}·(Pq[slot(d)] -
   Pq[slot(-R)]), a row of the distance-major product E = s·(Pq - Pq[slot(-R)])·Kᵀ shifted by d: E's [2r + 1, L]
-  rows get a zero column (one zero key more in the GEMM), and reading that flat buffer from offset r with row
-  stride L shifts row k by k - r (a crop and a Reshape: O(L·r), never [L, L]). One transpose of the [2r + 1, L]
-  band; no [L, L] transpose (in an ORT profile at L=2048 the [L, L] p2c transpose is the costliest non-GEMM op of
-  transformers' export).
-- Placement on the diagonals ("skew"). Z edge-padded to W = L + r + 1 columns (the upper far cells read Z's last
-  column, d = -r: u_i when r = R, since that p2c part is relative to slot(-R)); in the flat buffer row i,
-  column r + j - i sits at r + i·(W - 1) + j, so buffer[r : r + L·(W - 1)] viewed as [L, W - 1] holds T in its
-  first L columns for every j >= i - r (a crop, a Reshape and a crop); the rest (lower far) reads other rows and
-  is zeroed by ``triu``. Adding v_j (a [B, H, 1, L] broadcast) before ``triu`` completes the upper far region.
+  rows, gathered in decreasing d like c2p's, are read as a flat buffer with row stride L + 1 from r elements
+  before their start (one constant Pad of r in front and r + 1 behind makes the length (2r + 1)(L + 1), then a
+  Reshape), which shifts row k by k - r: O(L·r), never [L, L], and no row flip. The shifted rows have L + 1
+  columns (the last one and the cells that read a neighbouring row belong to invalid keys and are never read);
+  c2p's GEMM gets one zero query more to match. One transpose of the [2r + 1, L + 1] band; no [L, L] transpose
+  (in an ORT profile at L=2048 the [L, L] p2c transpose is the costliest non-GEMM op of transformers' export).
+- Placement on the diagonals ("skew"). Z edge-padded to W = L + r + 2 columns (the upper far cells read Z's last
+  column, d = -r: u_i when r = R, since that p2c part is relative to slot(-R)) and to W - 1 rows; the flat buffer
+  then reshapes to [W, W - 1], and T[i, j] = flat[r + i·(W - 1) + j] = view[i, r + j] for every j >= i - r, so
+  T = view[:L, r : r + L] (one Pad with negative pads on both axes: a single copy; the rows past L only make the
+  reshape possible and are never read). The rest (lower far) reads the previous row's edge padding and is zeroed
+  by ``triu``. Adding v_j (a [B, H, 1, L] broadcast) before ``triu`` completes the upper far region.
   The v_j term is why a triangle op is needed at all: p2c's far constants depend on the key, and the two far regions
-  differ by v_j, which no edge padding of query rows can produce. W = L + r + 1 rather than the L + 1 of a
+  differ by v_j, which no edge padding of query rows can produce. W = L + r + 2 rather than the L + 1 of a
   wrap-around skew: with L + 1 the top-right corner would read the invalid-key cells of the next row's band, and
   for R < L < 2R the band would not fit.
 
@@ -143,29 +146,33 @@ def positional_terms(query_scaled, content_key, pos_key, pos_query, spec: Relati
     band_index = F.pad(index, (crop, crop))  # slot(d) for d = -r .. r
 
     key_offset = key_bias = distance_major = None
+    descending = band_index.flip(0)  # slot(d) for d = r .. -r: the band's column order below
     if spec.c2p:
-        # Rows in decreasing distance d = r .. -r (the band's column order below).
         key_offset = torch.index_select(pos_key, 2, lower)
-        products = torch.matmul(pos_key - key_offset, query_scaled.transpose(-1, -2))  # [B, H, 2S, L]
-        distance_major = torch.index_select(products, 2, band_index.flip(0))
+        # One zero query more: the band has L + 1 query columns, like p2c's shifted rows below.
+        padded_query = F.pad(query_scaled, (0, 0, 0, 1))
+        products = torch.matmul(pos_key - key_offset, padded_query.transpose(-1, -2))  # [B, H, 2S, L + 1]
+        distance_major = torch.index_select(products, 2, descending)
     if spec.p2c:
         table = pos_query * softmax_scale
         far = torch.index_select(table, 2, torch.cat([lower, upper]))  # rows slot(R), slot(-R)
-        # One zero key more: the products come with the zero column that the shift below pads with.
-        padded_key = F.pad(content_key, (0, 0, 0, 1))
-        products = torch.matmul(table - far[:, :, 1:], padded_key.transpose(-1, -2))  # [B, H, 2S, L + 1], column j
-        rows = torch.index_select(products, 2, band_index)  # increasing d = -r .. r: row k shifts by k - r
+        products = torch.matmul(table - far[:, :, 1:], content_key.transpose(-1, -2))  # [B, H, 2S, L], column j
+        rows = torch.index_select(products, 2, descending)  # row k: d = r - k, needs key i - r + k
         width = rows.shape[2]
-        flat = rows.reshape(batch, heads, width * (length + 1))
-        # flat[r : r + width·L] (negative pads crop).
-        shifted = F.pad(flat, (-reach, -(reach + 1))).reshape(batch, heads, width, length).flip(2)
+        # Read with row stride L + 1 from r before the start: row k shifts by k - r. The flat pad makes the
+        # length (2r + 1)(L + 1); cells reading outside their own row belong to invalid keys, never read.
+        flat = F.pad(rows.reshape(batch, heads, width * length), (reach, reach + 1))
+        shifted = flat.reshape(batch, heads, width, length + 1)
         distance_major = shifted if distance_major is None else distance_major + shifted
         constants = torch.matmul(content_key, torch.cat([far[:, :, :1], far[:, :, 1:] - far[:, :, :1]], 2).transpose(-1, -2))
         key_bias, upper_bias = constants[..., 0], constants[..., 1]  # b_j and v_j, [B, H, L]
-    band = distance_major.transpose(-1, -2).reshape(batch * heads, length, 2 * reach + 1)
-    width = length + reach + 1
-    buffer = F.pad(band, (0, length - reach), mode="replicate").reshape(batch, heads, length * width)
-    relative = F.pad(F.pad(buffer, (-reach, reach - length)).reshape(batch, heads, length, width - 1), (0, -reach))
+    band = distance_major.transpose(-1, -2).reshape(batch * heads, length + 1, 2 * reach + 1)  # query L: unused
+    # Skew: edge-padded to W = L + r + 2 columns and W - 1 rows, so that the flat buffer reshapes to [W, W - 1]
+    # (the rows past L are never read). Row i of T starts at flat r + i·(W - 1): T = view[:L, r : r + L], cropped
+    # by one Pad with negative pads (a single ONNX node; two Slices would copy twice).
+    width = length + reach + 2
+    buffer = F.pad(band, (0, length - reach + 1, 0, reach), mode="replicate").reshape(batch, heads, width, width - 1)
+    relative = F.pad(buffer, (-reach, -1, 0, length - width))
     if spec.p2c:
         relative = relative + upper_bias[:, :, None, :]
     return key_offset, key_bias, torch.triu(relative, diagonal=-radius)

@@ -20,15 +20,12 @@ custom op with fake-tensor and autograd rules.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from . import attention_cpu, dispatch
+from . import attention_cpu, dispatch, native_op
 
 OP_NAME = "bias_gelu"
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def bias_gelu_reference(x, bias):
@@ -45,17 +42,7 @@ def check_inputs(x, bias) -> None:
         raise ValueError(f"bias must be [F] = [{x.shape[-1]}] for x {tuple(x.shape)}; got {got}")
 
 
-@torch.compiler.assume_constant_result
-def build_error() -> str:
-    """Empty when the native op is registered (with its Python rules), else why not (a constant for torch.compile)."""
-    return _register_rules()
-
-
-@functools.lru_cache(maxsize=None)
-def _register_rules() -> str:
-    status = attention_cpu.extension()  # the one native library of csrc/, built or loaded once per process
-    if not status.ok:
-        return status.error
+def _register_rules() -> None:
     forward = f"{attention_cpu.NAMESPACE}::bias_gelu_forward"
 
     @torch.library.register_fake(forward)
@@ -76,32 +63,23 @@ def _register_rules() -> str:
         return dx, (dbias if ctx.needs_input_grad[1] else None)
 
     torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
-    return ""
+
+
+build_error = native_op.registration(_register_rules)
 
 
 def unsupported_reasons(x, bias) -> list[str]:
     """Why the native CPU op cannot serve this call."""
-    reasons = []
-    if x.device.type != "cpu":
-        reasons.append(f"it runs on CPU tensors; these are on {x.device}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported (float32, bfloat16, float16 are)")
+    reasons = native_op.tensor_reasons(x)
     if bias.dtype != x.dtype or bias.device != x.device:
         reasons.append(f"bias must have the dtype and device of x ({x.dtype}, {x.device}); got ({bias.dtype}, "
                        f"{bias.device})")
-    if reasons:
-        return reasons
-    error = build_error()
-    if error:
-        reasons.append(f"the native CPU op could not be built ({error})")
-    return reasons
+    return native_op.with_build_reason(reasons, build_error)
 
 
 def bias_gelu_cpu(x, bias):
     """The native op; inputs as accepted by ``unsupported_reasons``."""
-    error = build_error()
-    if error:
-        raise RuntimeError(f"the native CPU op of bias_gelu could not be built: {error}")
+    native_op.require_built(OP_NAME, build_error)
     return torch.ops.deberta_fast_cpu.bias_gelu_forward(x, bias)
 
 

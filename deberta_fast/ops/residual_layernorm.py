@@ -27,18 +27,16 @@ torch.export keep the native op as a custom op with fake-tensor and autograd rul
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from . import attention_cpu, dispatch
+from . import attention_cpu, dispatch, native_op
 from .attention_dropout import _KEY_A, _KEY_B, _MASK32, _ROUND_A, _ROUND_B, _UNIFORM_SCALE, PHILOX_ROUNDS, \
     _mul_wide, draw_seed
 
 OP_NAME = "residual_layernorm"
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HIDDEN_STREAM = 1  # last Philox counter word of the hidden dropout (the attention dropout uses 0)
 
 
@@ -106,17 +104,7 @@ def check_inputs(x, bias, residual, weight, beta, eps, dropout_p) -> None:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
 
 
-@torch.compiler.assume_constant_result
-def build_error() -> str:
-    """Empty when the native op is registered (with its Python rules), else why not (a constant for torch.compile)."""
-    return _register_rules()
-
-
-@functools.lru_cache(maxsize=None)
-def _register_rules() -> str:
-    status = attention_cpu.extension()  # the one native library of csrc/, built or loaded once per process
-    if not status.ok:
-        return status.error
+def _register_rules() -> None:
     forward = f"{attention_cpu.NAMESPACE}::residual_layernorm_forward"
 
     @torch.library.register_fake(forward)
@@ -155,34 +143,25 @@ def _register_rules() -> str:
                 None, None, None, None)
 
     torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
-    return ""
+
+
+build_error = native_op.registration(_register_rules)
 
 
 def unsupported_reasons(x, bias, residual, weight, beta, eps, dropout_p) -> list[str]:
     """Why the native CPU op cannot serve this call (the argument tuple of ``residual_layernorm``)."""
-    reasons = []
-    if x.device.type != "cpu":
-        reasons.append(f"it runs on CPU tensors; these are on {x.device}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported (float32, bfloat16, float16 are)")
+    reasons = native_op.tensor_reasons(x)
     others = [(name, t) for name, t in (("residual", residual), ("bias", bias), ("weight", weight), ("beta", beta))
               if t is not None and (t.dtype != x.dtype or t.device != x.device)]
     if others:
         reasons.append("every tensor must have the dtype and device of x "
                        f"({x.dtype}, {x.device}); these differ: {', '.join(name for name, _ in others)}")
-    if reasons:
-        return reasons
-    error = build_error()
-    if error:
-        reasons.append(f"the native CPU op could not be built ({error})")
-    return reasons
+    return native_op.with_build_reason(reasons, build_error)
 
 
 def residual_layernorm_cpu(x, bias, residual, weight, beta, eps, dropout_p):
     """The native op (module docstring); inputs as accepted by ``unsupported_reasons``."""
-    error = build_error()
-    if error:
-        raise RuntimeError(f"the native CPU op of residual_layernorm could not be built: {error}")
+    native_op.require_built(OP_NAME, build_error)
     seed = draw_seed() if dropout_p > 0.0 else None
     keep_sum = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, bias, residual, weight, beta)
