@@ -51,12 +51,7 @@ void forward_rows(const T* x, const float* bias, int64_t num_rows, int64_t width
       int64_t c = 0;
       for (; c + FVec::size() <= width; c += FVec::size()) {
         FVec z = FVec::loadu(xs + c) + FVec::loadu(bias + c), cdf, pdf;
-        if constexpr (!std::is_same_v<T, float>) {
-          alignas(64) float lanes[FVec::size()];
-          z.store(lanes);
-          rows::round_to<T>(lanes, FVec::size());  // gelu reads x + bias as the tensor dtype holds it
-          z = FVec::loadu(lanes);
-        }
+        z = rows::round_to<T>(z);  // gelu reads x + bias as the tensor dtype holds it
         normal_cdf_pdf(z, cdf, pdf);
         (z * cdf).store(dst + c);
       }
@@ -88,12 +83,7 @@ void backward_rows(const T* dy, const T* x, const float* bias, int64_t num_rows,
         int64_t c = 0;
         for (; c + FVec::size() <= width; c += FVec::size()) {
           FVec z = FVec::loadu(xs + c) + FVec::loadu(bias + c), cdf, pdf;
-          if constexpr (!std::is_same_v<T, float>) {
-            alignas(64) float lanes[FVec::size()];
-            z.store(lanes);
-            rows::round_to<T>(lanes, FVec::size());
-            z = FVec::loadu(lanes);
-          }
+          z = rows::round_to<T>(z);
           normal_cdf_pdf(z, cdf, pdf);
           const FVec g = FVec::loadu(dys + c) * at::vec::fmadd(z, pdf, cdf);
           g.store(dst + c);

@@ -15,6 +15,7 @@ TORCH_LIBRARY(deberta_fast_cpu, m) {
       "int num_prefix_keys, Tensor? pair_mask=None, Tensor? seed=None, float dropout_p=0.0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("dropout_keep_mask(Tensor seed, int batch_heads, int length, int num_keys, float dropout_p) -> Tensor");
+  m.def("bf16_tile_products() -> bool", &deberta_fast_cpu::bf16_tile_products);
 }
 
 TORCH_LIBRARY_IMPL(deberta_fast_cpu, CPU, m) {

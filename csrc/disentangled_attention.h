@@ -5,7 +5,9 @@
 // token), slot_table [2L - 1] (slot of the distance t - (L - 1), non-decreasing), softmax_scale s:
 //   score(i, j) = s (Q_i.K_j + Q_i.Pk[slot(i - j)] + K_j.Pq[slot(i - j)]),  score(i, p) = s Q_i.K_p (prefix keys)
 //   out = softmax(score masked to pairs of real tokens, prefix keys always valid) . V, a row without any valid key
-//   being the mean of V (transformers' behaviour). Everything is computed in fp32 tiles; memory is O(L . D) per head.
+//   being the mean of V (transformers' behaviour). Computed in fp32 tiles (the forward pass of bf16 calls without
+//   dropout: bf16 tile products with fp32 accumulation where the CPU has them, bf16_tiles.h); memory is O(L . D) per
+//   head.
 // pair_mask [B, 1 or H, L, L] (instead of token_mask): pair (i, j) of content keys is valid where it is nonzero.
 // dropout_p > 0: probabilities are dropped (attention_dropout.h) with the int64 [1] seed, also in uniform rows.
 #pragma once
@@ -37,5 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
 // bool [BH, L, NK]: where the attention dropout of `seed` keeps probability (bh, query, key) (tests, debugging).
 at::Tensor dropout_keep_mask(const at::Tensor& seed, int64_t batch_heads, int64_t length, int64_t num_keys,
                              double dropout_p);
+
+// Whether bf16 forward calls run their tile products in bf16 on this machine (bf16_tiles_available()).
+bool bf16_tile_products();
 
 }  // namespace deberta_fast_cpu

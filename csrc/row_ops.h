@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -26,25 +27,49 @@ inline const float* as_float(const T* src, float* scratch, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    for (int64_t c = 0; c < n; ++c) scratch[c] = static_cast<float>(src[c]);
+    using RVec = at::vec::Vectorized<T>;
+    int64_t c = 0;
+    for (; c + RVec::size() <= n; c += RVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(RVec::loadu(src + c));
+      lo.store(scratch + c);
+      hi.store(scratch + c + FVec::size());
+    }
+    for (; c < n; ++c) scratch[c] = static_cast<float>(src[c]);
     return scratch;
   }
 }
 
+// dst[0:n] = T(src[0:n]), rounded to nearest even as the scalar conversion does.
 template <typename T>
 inline void store(const float* src, T* dst, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     if (src != dst) std::memcpy(dst, src, sizeof(float) * n);
   } else {
-    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
+    using RVec = at::vec::Vectorized<T>;
+    int64_t c = 0;
+    for (; c + RVec::size() <= n; c += RVec::size()) {
+      at::vec::convert_from_float<T>(FVec::loadu(src + c), FVec::loadu(src + c + FVec::size())).store(dst + c);
+    }
+    for (; c < n; ++c) dst[c] = static_cast<T>(src[c]);
   }
 }
 
 // Values as the tensor dtype holds them (a no-op for float): what torch computes from after each rounded op.
 template <typename T>
+inline FVec round_to(const FVec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+  }
+}
+
+template <typename T>
 inline void round_to(float* row, int64_t n) {
   if constexpr (!std::is_same_v<T, float>) {
-    for (int64_t c = 0; c < n; ++c) row[c] = static_cast<float>(static_cast<T>(row[c]));
+    int64_t c = 0;
+    for (; c + FVec::size() <= n; c += FVec::size()) round_to<T>(FVec::loadu(row + c)).store(row + c);
+    for (; c < n; ++c) row[c] = static_cast<float>(static_cast<T>(row[c]));
   }
 }
 

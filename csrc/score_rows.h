@@ -100,46 +100,53 @@ inline float finish_row(float* row, int64_t cols_padded, const float* col_ok, co
   return lanes_max(at::vec::maximum(vmax0, vmax1));
 }
 
-template <bool kMasked>
+template <bool kMasked, bool kScaled>
 inline float add_positions_and_mask_impl(float* row, int64_t cols_padded, const RowPositions* pos,
-                                         const float* col_ok) {
+                                         const float* col_ok, float scale) {
   const float* rt = pos ? pos->row_term : nullptr;
   const float* ct = pos ? pos->col_term : nullptr;
   const TileKind kind = rt ? pos->kind : TileKind::kConstant;
+  const Vec sv(scale);
+  auto base = [&](int64_t c) { return kScaled ? Vec::loadu(row + c) * sv : Vec::loadu(row + c); };
   if (kind == TileKind::kConstant) {
     const Vec rv(rt ? rt[pos->sigma[0]] : 0.f);
     if (ct) {
       return finish_row<kMasked>(row, cols_padded, col_ok,
-                                 [&](int64_t c) { return Vec::loadu(row + c) + rv + Vec::loadu(ct + c); });
+                                 [&](int64_t c) { return base(c) + rv + Vec::loadu(ct + c); });
     }
-    return finish_row<kMasked>(row, cols_padded, col_ok, [&](int64_t c) { return Vec::loadu(row + c) + rv; });
+    return finish_row<kMasked>(row, cols_padded, col_ok, [&](int64_t c) { return base(c) + rv; });
   }
   if (kind == TileKind::kLinear) {  // sigma_c = sigma_0 + c: the row term is contiguous
     const float* rts = rt + pos->sigma[0];
     if (ct) {
       return finish_row<kMasked>(row, cols_padded, col_ok, [&](int64_t c) {
-        return Vec::loadu(row + c) + Vec::loadu(rts + c) + Vec::loadu(ct + c);
+        return base(c) + Vec::loadu(rts + c) + Vec::loadu(ct + c);
       });
     }
     return finish_row<kMasked>(row, cols_padded, col_ok,
-                               [&](int64_t c) { return Vec::loadu(row + c) + Vec::loadu(rts + c); });
+                               [&](int64_t c) { return base(c) + Vec::loadu(rts + c); });
   }
   const int32_t* sigma = pos->sigma;
   if (ct) {
     return finish_row<kMasked>(row, cols_padded, col_ok, [&](int64_t c) {
-      return Vec::loadu(row + c) + lookup_window(rt, sigma + c) + Vec::loadu(ct + c);
+      return base(c) + lookup_window(rt, sigma + c) + Vec::loadu(ct + c);
     });
   }
   return finish_row<kMasked>(row, cols_padded, col_ok,
-                             [&](int64_t c) { return Vec::loadu(row + c) + lookup_window(rt, sigma + c); });
+                             [&](int64_t c) { return base(c) + lookup_window(rt, sigma + c); });
 }
 
-// row[c] += row_term[sigma_c] + col_term[c], then row[c] = -inf where col_ok[c] == 0; all_valid: no column is
-// masked (col_ok is not read). pos == nullptr: masking only. Returns the row maximum (-inf when all are masked).
+// row[c] = scale * row[c] + row_term[sigma_c] + col_term[c], then row[c] = -inf where col_ok[c] == 0; all_valid: no
+// column is masked (col_ok is not read). pos == nullptr: masking only. scale == 1 multiplies nothing (the fp32 tiles
+// fold the scale into their queries). Returns the row maximum (-inf when all are masked).
 inline float add_positions_and_mask(float* row, int64_t cols_padded, const RowPositions* pos, const float* col_ok,
-                                    bool all_valid = false) {
-  return all_valid ? add_positions_and_mask_impl<false>(row, cols_padded, pos, col_ok)
-                   : add_positions_and_mask_impl<true>(row, cols_padded, pos, col_ok);
+                                    bool all_valid = false, float scale = 1.f) {
+  if (scale != 1.f) {
+    return all_valid ? add_positions_and_mask_impl<false, true>(row, cols_padded, pos, col_ok, scale)
+                     : add_positions_and_mask_impl<true, true>(row, cols_padded, pos, col_ok, scale);
+  }
+  return all_valid ? add_positions_and_mask_impl<false, false>(row, cols_padded, pos, col_ok, scale)
+                   : add_positions_and_mask_impl<true, false>(row, cols_padded, pos, col_ok, scale);
 }
 
 // The positional scores that belong to the tile's columns (p2c of the keys in a query tile, c2p of the queries in a

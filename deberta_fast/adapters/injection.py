@@ -40,12 +40,12 @@ from ..models.output_blocks import (
     DebertaV2Intermediate,
     DebertaV2Output,
     DebertaV2SelfOutput,
+    bias_gelu_tail,
     bias_gelu_tail_applies,
     has_hooks,
     residual_layernorm_tail,
     residual_layernorm_tail_applies,
 )
-from ..ops.bias_gelu import bias_gelu
 from .attention import DisentangledSelfAttentionWithAdapters
 from .base_model import DebertaV2LayerWithAdapters, attach_model_parts
 from .methods.bottleneck import BottleneckLayerMixin
@@ -102,7 +102,7 @@ class DebertaV2IntermediateWithAdapters(DebertaV2Intermediate):
 
     def forward(self, hidden_states):
         if _plain_dense(self.dense) and bias_gelu_tail_applies(self, hidden_states):
-            return bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
+            return bias_gelu_tail(F.linear(hidden_states, self.dense.weight), self.dense.bias)
         return super().forward(hidden_states)
 
 

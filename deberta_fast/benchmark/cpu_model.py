@@ -21,7 +21,8 @@ Columns:
                       on transformers' model exported with torch.onnx.export (TorchScript exporter, opset 17);
                       forward workloads only (ORT has no training path here)
   deberta_fast        the same weights on deberta_fast (patch_deberta, backend auto = the native CPU op), fp32
-  deberta_fast_bf16   the same model cast to bfloat16 (forward workloads only)
+  deberta_fast_bf16   forward: the same model cast to bfloat16; train: the fp32 model stepped under
+                      torch.autocast("cpu", bfloat16) (bf16 GEMMs and attention, fp32 weights and LayerNorms)
   gemm_floor          the model's linear layers alone at the workload's shapes: per layer q, k, v, output (768 ->
                       768), FFN in (768 -> 3072) and out (3072 -> 768) over B·L tokens, plus the two shared position
                       projections over the 2·256 relative embeddings, timed with F.linear; for the train workload
@@ -173,7 +174,7 @@ def column_fn(column: str, work: dict, inputs: dict, onnx_dir: str):
     train = work["train"]
     if column == "gemm_floor":
         return gemm_floor_fn(work)
-    if train and column in ("onnxruntime", "deberta_fast_bf16"):
+    if train and column == "onnxruntime":
         return None
     reference = transformers_model(work["layers"], train)
     if column == "onnxruntime":
@@ -193,11 +194,16 @@ def column_fn(column: str, work: dict, inputs: dict, onnx_dir: str):
     if column == "transformers":
         model = reference
     else:
-        model = fast_model(reference, torch.bfloat16 if column == "deberta_fast_bf16" else torch.float32)
+        cast = column == "deberta_fast_bf16" and not train  # bf16 training: autocast over fp32 weights
+        model = fast_model(reference, torch.bfloat16 if cast else torch.float32)
         del reference
     if train:
+        autocast = column == "deberta_fast_bf16"
+
         def step(other_inputs=None):
-            model(**(other_inputs or inputs)).last_hidden_state.float().pow(2).mean().backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                hidden = model(**(other_inputs or inputs)).last_hidden_state
+            hidden.float().pow(2).mean().backward()
             if column == "transformers":
                 model.zero_grad(set_to_none=True)
             else:  # deberta_fast's training loop: the word embedding's .grad is kept, zeroed in place

@@ -11,6 +11,8 @@ The fused path serves CPU tensors when the submodules are exactly torch's Linear
 and transformers' exact GELU, without module hooks, and the requested backend is auto, cpu or reference. Otherwise
 transformers' forward runs unchanged: CUDA tensors (the GPU path is the GEMM's bias epilogue and ATen's kernels),
 the triton backend requested (these ops have no Triton kernels), PEFT / adapter wrappers or hooks on a submodule.
+Under CPU autocast the products run in the autocast dtype as transformers' would: bias + GELU in that dtype,
+residual + LayerNorm in the parameters' dtype (autocast keeps LayerNorm in fp32).
 In train mode the native op's hidden dropout masks come from its counter-based stream, not torch's bernoulli draws
 (``use_backend("reference")`` reproduces transformers' masks).
 """
@@ -67,8 +69,20 @@ def residual_layernorm_tail(block: nn.Module, x: torch.Tensor, bias: torch.Tenso
     """block.LayerNorm(block.dropout(x + bias) + input_tensor) on the fused op; x [B, L, hidden] is the dense's output
     without ``bias`` [hidden] (or with it, bias None). Only where ``residual_layernorm_tail_applies``."""
     norm, dropout = block.LayerNorm, block.dropout
+    if x.dtype != norm.weight.dtype and torch.is_autocast_enabled("cpu"):
+        # Under autocast the GEMM runs in bf16, while transformers' residual sum and LayerNorm run in fp32 (autocast
+        # keeps layer_norm in fp32): the fused op takes the product in the parameters' dtype.
+        x = x.to(norm.weight.dtype)
     p = dropout.p if dropout.training else 0.0
     return residual_layernorm(x, bias, input_tensor, norm.weight, norm.bias, norm.eps, p)
+
+
+def bias_gelu_tail(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu(x + bias) on the fused op; x [B, L, intermediate] is the dense's output without ``bias`` [intermediate].
+    Only where ``bias_gelu_tail_applies``."""
+    if bias.dtype != x.dtype and torch.is_autocast_enabled("cpu"):
+        bias = bias.to(x.dtype)  # autocast's linear adds its bias in the GEMM's dtype, and GELU runs there
+    return bias_gelu(x, bias)
 
 
 def bias_gelu_tail_applies(block: nn.Module, hidden_states: torch.Tensor) -> bool:
@@ -110,5 +124,5 @@ class DebertaV2Intermediate(hf.DebertaV2Intermediate):
 
     def forward(self, hidden_states):
         if _plain_linear(self.dense) and bias_gelu_tail_applies(self, hidden_states):
-            return bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
+            return bias_gelu_tail(F.linear(hidden_states, self.dense.weight), self.dense.bias)
         return super().forward(hidden_states)

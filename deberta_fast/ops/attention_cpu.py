@@ -6,7 +6,9 @@ and registered through ``torch.library`` as ``torch.ops.deberta_fast_cpu.disenta
 (CPU kernels in C++, autograd and fake-tensor rules here). When it cannot be built (no compiler, no ninja, ...) the
 build error becomes the reason that ``auto`` logs once before falling back to the reference.
 
-Served: fp32 / bf16 / fp16 CPU tensors (computed in fp32 tiles, returned in the input dtype), c2p, p2c, both or no
+Served: fp32 / bf16 / fp16 CPU tensors (computed in fp32 tiles, returned in the input dtype; the forward pass of bf16
+calls without dropout multiplies its tiles in bf16 with fp32 accumulation where the CPU has bf16 dot products, see
+csrc/bf16_tiles.h), c2p, p2c, both or no
 positional term (bucketed or not), a [B, L] token mask or a [B, 1|H, L, L] pair mask with transformers' empty-row
 behaviour, prefix keys, positional tables with batch dimension 1 or B, any scale, and attention dropout
 (0 <= dropout_p < 1) from a counter-based generator (``deberta_fast.ops.attention_dropout``): the keep decision of
