@@ -39,8 +39,9 @@ def _mul_wide(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]
     return middle >> 16, ((middle & 0xFFFF) << 16) | (low_product & 0xFFFF)
 
 
-def philox_word0(c0, c1, c2, c3, seed: int) -> torch.Tensor:
-    """First output word (int64 holding a uint32) of Philox4x32-10 on broadcastable int64 counter tensors."""
+def philox4x32(c0, c1, c2, c3, seed: int) -> tuple[torch.Tensor, ...]:
+    """The four output words (int64 tensors holding uint32) of Philox4x32-10 on broadcastable int64 counters, under
+    key (seed mod 2^32, seed div 2^32)."""
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     for _ in range(PHILOX_ROUNDS):
@@ -48,7 +49,32 @@ def philox_word0(c0, c1, c2, c3, seed: int) -> torch.Tensor:
         b_hi, b_lo = _mul_wide(c2, _ROUND_B)
         c0, c2, c1, c3 = b_hi ^ c1 ^ k0, a_hi ^ c3 ^ k1, b_lo, a_lo
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_word0(c0, c1, c2, c3, seed: int) -> torch.Tensor:
+    """First output word (int64 holding a uint32) of Philox4x32-10 on broadcastable int64 counter tensors."""
+    return philox4x32(c0, c1, c2, c3, seed)[0]
+
+
+def checked_seed(seed, dropout_p: float) -> int:
+    """``seed`` (an int or an int64 tensor with one element) as an int, after checking seed in [0, 2^63) and
+    dropout_p in [0, 1); raises ValueError naming the argument otherwise."""
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.reshape(-1)[0].item())
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63); got {seed}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    return seed
+
+
+def keep_of_word(word: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """bool, shape of ``word`` (int64 holding a uint32): the module docstring's threshold test, all in float32."""
+    signed = torch.where(word >= 2**31, word - 2**32, word)
+    folded = torch.where(signed < 0, -signed - 1, signed)  # ~x for negative x
+    uniform = folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    return uniform >= torch.tensor(dropout_p, dtype=torch.float32)
 
 
 def attention_keep_mask(seed, batch: int, heads: int, length: int, num_keys: int, dropout_p: float) -> torch.Tensor:
@@ -56,20 +82,11 @@ def attention_keep_mask(seed, batch: int, heads: int, length: int, num_keys: int
 
     seed: int in [0, 2^63) or an int64 tensor with one element. Memory is O(B·H·L·num_keys): for tests and oracles.
     """
-    if isinstance(seed, torch.Tensor):
-        seed = int(seed.reshape(-1)[0].item())
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63); got {seed}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    seed = checked_seed(seed, dropout_p)
     if dropout_p == 0.0:
         return torch.ones(batch, heads, length, num_keys, dtype=torch.bool)
     bh = torch.arange(batch * heads, dtype=torch.int64).view(-1, 1, 1)
     rows = torch.arange(length, dtype=torch.int64).view(1, -1, 1)
     keys = torch.arange(num_keys, dtype=torch.int64).view(1, 1, -1)
     word = philox_word0(rows, bh, keys, torch.zeros((), dtype=torch.int64), seed)
-    signed = torch.where(word >= 2**31, word - 2**32, word)
-    folded = torch.where(signed < 0, -signed - 1, signed)  # ~x for negative x
-    uniform = folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
-    keep = uniform >= torch.tensor(dropout_p, dtype=torch.float32)
-    return keep.view(batch, heads, length, num_keys)
+    return keep_of_word(word, dropout_p).view(batch, heads, length, num_keys)

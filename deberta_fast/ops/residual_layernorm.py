@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attention_cpu, dispatch, native_op
-from .attention_dropout import _KEY_A, _KEY_B, _MASK32, _ROUND_A, _ROUND_B, _UNIFORM_SCALE, PHILOX_ROUNDS, \
-    _mul_wide, draw_seed
+from .attention_dropout import checked_seed, draw_seed, keep_of_word, philox4x32
 
 OP_NAME = "residual_layernorm"
 HIDDEN_STREAM = 1  # last Philox counter word of the hidden dropout (the attention dropout uses 0)
@@ -51,37 +50,17 @@ def residual_layernorm_reference(x, bias, residual, weight, beta, eps: float, dr
 def hidden_keep_mask(seed, rows: int, cols: int, dropout_p: float) -> torch.Tensor:
     """bool [rows, cols]: where the native op's hidden dropout keeps element (row, col) for ``seed`` (an int in
     [0, 2^63) or an int64 tensor with one element). Pure PyTorch, O(rows · cols) memory: tests and oracles."""
-    if isinstance(seed, torch.Tensor):
-        seed = int(seed.reshape(-1)[0].item())
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63); got {seed}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    seed = checked_seed(seed, dropout_p)
     if dropout_p == 0.0:
         return torch.ones(rows, cols, dtype=torch.bool)
     row = torch.arange(rows, dtype=torch.int64).view(-1, 1)
     col = torch.arange(cols, dtype=torch.int64).view(1, -1)
     zero = torch.zeros((), dtype=torch.int64)
-    words = _philox4(row, zero, 16 * (col // 64) + col % 16, zero + HIDDEN_STREAM, seed)
+    words = philox4x32(row, zero, 16 * (col // 64) + col % 16, zero + HIDDEN_STREAM, seed)
     pick = ((col // 16) % 4).expand(rows, cols)
     word = torch.where(pick == 0, words[0], torch.where(pick == 1, words[1], torch.where(pick == 2, words[2],
                                                                                           words[3])))
-    signed = torch.where(word >= 2**31, word - 2**32, word)
-    folded = torch.where(signed < 0, -signed - 1, signed)
-    uniform = folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
-    return uniform >= torch.tensor(dropout_p, dtype=torch.float32)
-
-
-def _philox4(c0, c1, c2, c3, seed: int) -> tuple[torch.Tensor, ...]:
-    """The four output words (int64 tensors holding uint32) of Philox4x32-10 on broadcastable int64 counters."""
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
-    for _ in range(PHILOX_ROUNDS):
-        a_hi, a_lo = _mul_wide(c0, _ROUND_A)
-        b_hi, b_lo = _mul_wide(c2, _ROUND_B)
-        c0, c2, c1, c3 = b_hi ^ c1 ^ k0, a_hi ^ c3 ^ k1, b_lo, a_lo
-        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    return c0, c1, c2, c3
+    return keep_of_word(word, dropout_p)
 
 
 def check_inputs(x, bias, residual, weight, beta, eps, dropout_p) -> None:

@@ -166,6 +166,15 @@ def _outputs_tuple(first: tuple, outputs, loss):
     return (loss,) + result if loss is not None else result
 
 
+def _head_output(output_class, outputs, loss, return_dict: bool, **logits):
+    """A head's return value: ``output_class`` (loss, the named logits, the body's hidden states and attentions)
+    when return_dict, else the tuple (loss if any, the logits in the order given, the body's other outputs)."""
+    if return_dict:
+        return output_class(loss=loss, **logits, hidden_states=_get(outputs, "hidden_states"),
+                            attentions=_get(outputs, "attentions"))
+    return _outputs_tuple(tuple(logits.values()), outputs, loss)
+
+
 class ClassificationHead(PredictionHead):
     """Sequence classification; cross-entropy, or MSE when num_labels == 1 (regression)."""
 
@@ -191,10 +200,7 @@ class ClassificationHead(PredictionHead):
         logits = super().forward(cls_output)
         labels = kwargs.get("labels")
         loss = self.loss(logits, labels) if labels is not None else None
-        if return_dict:
-            return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=_get(outputs, "hidden_states"),
-                                            attentions=_get(outputs, "attentions"))
-        return _outputs_tuple((logits,), outputs, loss)
+        return _head_output(SequenceClassifierOutput, outputs, loss, return_dict, logits=logits)
 
 
 class MultiLabelClassificationHead(ClassificationHead):
@@ -226,10 +232,7 @@ class MultipleChoiceHead(PredictionHead):
         logits = super().forward(cls_output).view(-1, self.config["num_choices"])
         labels = kwargs.get("labels")
         loss = CrossEntropyLoss()(logits, labels) if labels is not None else None
-        if return_dict:
-            return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=_get(outputs, "hidden_states"),
-                                             attentions=_get(outputs, "attentions"))
-        return _outputs_tuple((logits,), outputs, loss)
+        return _head_output(MultipleChoiceModelOutput, outputs, loss, return_dict, logits=logits)
 
 
 class TaggingHead(PredictionHead):
@@ -262,10 +265,7 @@ class TaggingHead(PredictionHead):
                 loss = loss_fct(flat_logits, flat_labels)
             else:
                 loss = loss_fct(flat_logits, labels.view(-1))
-        if return_dict:
-            return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=_get(outputs, "hidden_states"),
-                                         attentions=_get(outputs, "attentions"))
-        return _outputs_tuple((logits,), outputs, loss)
+        return _head_output(TokenClassifierOutput, outputs, loss, return_dict, logits=logits)
 
 
 class QuestionAnsweringHead(PredictionHead):
@@ -297,11 +297,8 @@ class QuestionAnsweringHead(PredictionHead):
             ignored = start_logits.size(1)
             loss_fct = CrossEntropyLoss(ignore_index=ignored)
             loss = (loss_fct(start_logits, start.clamp(0, ignored)) + loss_fct(end_logits, end.clamp(0, ignored))) / 2
-        if return_dict:
-            return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
-                                                hidden_states=_get(outputs, "hidden_states"),
-                                                attentions=_get(outputs, "attentions"))
-        return _outputs_tuple((start_logits, end_logits), outputs, loss)
+        return _head_output(QuestionAnsweringModelOutput, outputs, loss, return_dict, start_logits=start_logits,
+                            end_logits=end_logits)
 
 
 class MaskedLMHead(PredictionHead):
@@ -366,10 +363,7 @@ class MaskedLMHead(PredictionHead):
         if labels is not None:
             labels, _ = _pad_for_prompt(labels, None, kwargs.get("prompt_tokens_length"), -100)
             loss = CrossEntropyLoss()(logits.reshape(-1, self.config["vocab_size"]), labels.reshape(-1))
-        if return_dict:
-            return MaskedLMOutput(loss=loss, logits=logits, hidden_states=_get(outputs, "hidden_states"),
-                                  attentions=_get(outputs, "attentions"))
-        return _outputs_tuple((logits,), outputs, loss)
+        return _head_output(MaskedLMOutput, outputs, loss, return_dict, logits=logits)
 
 
 def _pad_for_prompt(labels, attention_mask, prompt_length, ignore_index: int):
