@@ -30,10 +30,14 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .attention_tiles import current_target
+
 LOG2E = 1.4426950408889634
 # Sizes and positional scalars are runtime values: no recompilation per length (Triton would otherwise
-# specialise integers equal to 1 or divisible by 16).
-NO_SPECIALIZE_FWD = ["H", "L", "P", "HEAD_DIM", "S", "MID", "SAT_HI", "SAT_LO"]
+# specialise integers equal to 1 or divisible by 16). HEAD_DIM stays specialised: Triton then marks it divisible
+# by 16 when it is, the head-dim mask `dcol < HEAD_DIM` holds for whole 16-column groups, and every
+# [rows, BLOCK_D] load is a 16-byte vector load (unspecialised, each element was its own 2-byte load).
+NO_SPECIALIZE_FWD = ["H", "L", "P", "S", "MID", "SAT_HI", "SAT_LO"]
 NO_SPECIALIZE_BWD = NO_SPECIALIZE_FWD + ["B", "B_PER_TABLE", "NUM_GROUPS", "SLOT_LO", "SLOT_HI"]
 NEVER = 2**30  # a saturation distance no tile reaches (int32 arithmetic on it stays in range)
 
@@ -137,6 +141,88 @@ def _slots_kernel(OUT, L, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKET
     d = t - (L - 1)
     s = slot_of_distance(d, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, BUCKETED, INTERPRET)
     tl.store(OUT + t, s, mask=t < 2 * L - 1)
+
+
+MODE_WINDOW: tl.constexpr = tl.constexpr(0)
+MODE_SAT_HI: tl.constexpr = tl.constexpr(1)
+MODE_SAT_LO: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def opaque_offset(x, INTERPRET: tl.constexpr):
+    """x (a scalar int64 offset), hidden from LLVM's loop strength reduction.
+
+    A tile's element addresses are tile base + loop-invariant int32 offsets. When LLVM can see that the base
+    advances by a constant each iteration, it turns every per-thread vector address into its own 64-bit
+    induction variable (two registers each, carried across the key loop, where they spilled). Passing the
+    base offset through an empty asm move keeps one scalar per tile; each address is then one add at its load.
+    """
+    if INTERPRET:
+        return x
+    else:
+        return tl.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l", [x], dtype=tl.int64, is_pure=True, pack=1)
+
+
+@triton.jit
+def load_tile(tile_base, first, n_ok, stride_r, stride_d, dcol, HEAD_DIM, R: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """[R, BLOCK_D] rows first + [0, R) of a [rows, HEAD_DIM] matrix at tile_base (zeros at rows >= n_ok or
+    columns >= HEAD_DIM); float32 under the interpreter.
+
+    The tile's first row moves the (scalar, 64-bit) base pointer; the element offsets are int32 and relative
+    to it (< R · stride_r + BLOCK_D · stride_d), so they are the same for every tile of a loop: a few
+    loop-invariant registers, where [R, BLOCK_D] 64-bit pointers became one 64-bit induction variable per
+    loaded vector (and spilled).
+    """
+    r = tl.arange(0, R)
+    # The stride multiplies the opaque row after the asm: Triton then still knows the base's alignment
+    # (stride divisible by 16), which the vector loads need; opaque(first · stride) made every load 2 bytes wide.
+    base = tile_base + opaque_offset(tl.cast(first, tl.int64), INTERPRET) * stride_r
+    x = tl.load(base + (r[:, None] * stride_r + dcol[None, :] * stride_d),
+                mask=(r < n_ok - first)[:, None] & (dcol[None, :] < HEAD_DIM), other=0.0)
+    if INTERPRET:
+        # The interpreter's bf16 arithmetic is broken: compute in float32 there.
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def load_slot_rows(table_base, slots, stride_s, stride_d, dcol, HEAD_DIM, INTERPRET: tl.constexpr):
+    """[WIN, BLOCK_D] table rows ``slots`` (all in [0, 2S)) with int32 offsets (the launcher checks that
+    2S · stride_s fits); float32 under the interpreter."""
+    x = tl.load(table_base + (slots[:, None] * stride_s + dcol[None, :] * stride_d),
+                mask=dcol[None, :] < HEAD_DIM, other=0.0)
+    if INTERPRET:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def content_tile_ranges(m0, L, SAT_HI, SAT_LO, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Key tiles of query block m0: [0, n_hi) all saturated high, [n_hi, t_lo) band, [t_lo, n_tiles) low."""
+    n_tiles = tl.cdiv(L, BLOCK_N)
+    if HAS_POS:
+        # Tile t is saturated high when its smallest distance m0 - (t·BN + BN - 1) >= SAT_HI.
+        x = m0 - (BLOCK_N - 1) - SAT_HI
+        n_hi = tl.where(x >= 0, tl.maximum(x, 0) // BLOCK_N + 1, 0)
+        n_hi = tl.minimum(n_hi, n_tiles)
+        # ... and saturated low when its largest distance m0 + BM - 1 - t·BN <= SAT_LO (< 0).
+        y = m0 + (BLOCK_M - 1) - SAT_LO
+        t_lo = (y + BLOCK_N - 1) // BLOCK_N
+        t_lo = tl.minimum(tl.maximum(t_lo, n_hi), n_tiles)
+    else:
+        n_hi = n_tiles * 0
+        t_lo = n_tiles
+    return n_hi, t_lo, n_tiles
+
+
+@triton.jit
+def masked_scores(s, row_ok, col_ok, col_in, P):
+    """Masked pairs -> -inf; an invalid query row without prefix keys -> 0 on every in-range key (uniform)."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    uniform = (~row_ok)[:, None] & col_in[None, :] & (P == 0)
+    return tl.where(valid, s, tl.where(uniform, 0.0, float("-inf"))), valid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,3 +349,22 @@ def table_strides(table: torch.Tensor | None):
         return 0, 0, 0, 0
     return (0 if table.shape[0] == 1 else table.stride(0)), table.stride(1), table.stride(2), table.stride(3)
 
+
+def check_int32_offsets(**tensors) -> None:
+    """The kernel addresses a key / value tile (rows < its BLOCK_N past the tile's first row) and a whole
+    positional table [.., 2S, D] with int32 element offsets: raise if one of them could exceed int32."""
+    for name, (tensor, rows) in tensors.items():
+        if tensor is None:
+            continue
+        rows = tensor.shape[-2] if rows is None else rows
+        reach = rows * tensor.stride(-2) + tensor.shape[-1] * tensor.stride(-1)
+        if reach >= 2**31:
+            raise ValueError(f"{name}: row stride {tensor.stride(-2)} x {rows} rows needs offsets beyond int32 "
+                             f"({reach} elements); pass a contiguous [B, L, H, D] / [.., 2S, H, D] layout")
+
+
+def register_cap(interpret: bool) -> dict:
+    """Launch option maxnreg=255 when compiling for sm_80: without it ptxas (13.x) caps some 8-warp variants there
+    at 128 registers and spills (32 x 32 tiles with dropout). Not on the other targets, where the explicit cap
+    made ptxas allocate differently and spill (sm_120). The interpreter takes no such option."""
+    return {"maxnreg": 255} if not interpret and current_target() == "sm_80" else {}

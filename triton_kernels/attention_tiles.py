@@ -8,9 +8,9 @@ for (its active driver), so the compile-only tests, which stand in a driver for 
 production would use.
 
 Defaults (no entry), from the compile-only evidence (registers, spills, shared memory per target; README "GPU
-readiness"): fp16/bf16 forward 32 x 32 tiles, 8 warps, 2 stages (spill-free); backward 32 x 32
-tiles, 8 warps (4 spill at BLOCK_D 64), 1 stage. Exact fp32 (FMA dots): forward 32 x 32 up to BLOCK_D 64 and
-16 x 16 above, backward 16 x 16, 4 warps, 1 stage (64 x 64 fp32 tiles need 256 KiB of shared memory at BLOCK_D
+readiness"): fp16/bf16 forward 32 x 32 tiles, 8 warps, 2 stages (spill-free); backward 16 x 16 tiles, 8 warps,
+1 stage (the fewest spills measured; see ``default_tiles``). Exact fp32 (FMA dots): forward 32 x 32 up to BLOCK_D 64
+and 16 x 16 above, backward 16 x 16, 4 warps, 1 stage (64 x 64 fp32 tiles need 256 KiB of shared memory at BLOCK_D
 128). Tiles never exceed the next power of two of the length (min 16).
 """
 
@@ -87,7 +87,11 @@ def default_tiles(kind: str, dtype: torch.dtype, bd: int, interpret: bool) -> di
         # sm_120 (up to 250 bytes); two stages: the window tables are then copied to shared memory
         # asynchronously instead of through registers (one stage spilled at BLOCK_D 128).
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+    # Backward 16 x 16, 8 warps: at 32 x 32 both kernels spilled 84-788 bytes on every target (fp16/bf16, c2p + p2c,
+    # dropout, head dims 64 / 128), at 16 x 16 with 8 warps at most a few dozen; 4 warps spilled more at BLOCK_D
+    # 128, 16 x 32 / 32 x 16 more still. One stage: a tile's partial read-modify-write must not be prefetched
+    # before the previous tile's store.
+    return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
 
 
 def attention_tiles(kind: str, dtype: torch.dtype, bd: int, length: int, interpret: bool) -> dict:

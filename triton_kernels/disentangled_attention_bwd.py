@@ -19,19 +19,27 @@ across the band loop, where the register pressure peaks). The partials are summe
 order (and over the batch when the tables broadcast over it). Each program walks a fixed list of (batch, block)
 items, so the number of partials stays near a few per SM whatever B and L are.
 
-Register pressure (why fp16/bf16 still spill at 32 x 32 tiles, 8 warps; ptxas -v, compile-only): Triton gives
-every chained ``tl.dot`` of a loop body the MMA warp layout of the [32, BLOCK_D] gradient accumulator,
-warpsPerCTA [1, 8], so each warp holds the whole left operand of the score dots (Q and dO, [32, BLOCK_D]):
-64 registers per thread each at BLOCK_D 128, before the positional windows ([WIN, BLOCK_D] table rows) and
-their dots. The dK/dV kernel without positional terms already uses 255 registers at BLOCK_D 128. Moving the
-positional-gradient work out of the band loop (per-block slot sums applied after it) or splitting the score
-dots over the head dim did not lower the spills (measured); 16-row query tiles halve the dQ kernel's
-spills but leave half of every warp's score MMAs redundant. Spill-free needs tiles whose accumulators split
-over warps by rows (BLOCK >= BLOCK_D, [num_warps, 1]), which the WIN-wide positional windows make expensive.
-Of the forward's fixes, tile base + int32 offsets hidden from LSR and 32-bit row / column bounds lower the worst
-case on every target (fp16/bf16, c2p+p2c, bucketed, mask, dropout, 32 x 32, 8 warps: 848 -> 768 bytes on sm_90,
-416 -> 240 on sm_120); specialising HEAD_DIM (vector loads) or computing the positional terms before the content
-dot raised the spills on sm_100 here (measured), so the kernels keep HEAD_DIM unspecialised and the content dot first.
+Register pressure (ptxas -v, compile-only; python -m deberta_fast.benchmark.triton_compile). Triton gives every
+``tl.dot`` linked to another one in a loop body the MMA warp layout of one of them, [1, num_warps] here (the
+[BLOCK_M, BLOCK_D] gradient accumulators), so each warp holds the whole left operand of the score products (Q and
+dO: 64 registers per thread each at 32-row tiles and BLOCK_D 128). That is not the whole story, measured:
+  * Laying the score products out on their own ([2, 4] warps, through tl.trans boundaries, which Triton's chain
+    analysis stops at) raised the spills (more layout conversions, each with its own hoisted shared-memory
+    addresses); so did accumulating dQ / dK / dV transposed.
+  * Each kernel runs four key / query loops per item (prefix keys, saturated high, band, saturated low). The
+    loop-invariant values of all of them (tile offsets, conversion addresses) are hoisted to the kernel's start
+    and stay live throughout: with only the band loop a 32 x 32 kernel spilled 28-608 bytes (by target and head
+    dim), with only the other three nothing (sm_80, BLOCK_D 128), with all four up to 788 (fp16, c2p + p2c, mask,
+    dropout, prefix keys).
+  * The dropout mask (Philox per element of the replicated [1, 8] score layout) is what tips the 16 x 16
+    query-stationary kernel over: without dropout it spills nothing.
+What lowered the spills: 16 x 16 tiles with 8 warps (``attention_tiles``; the bounds measured are in
+KNOWN_SPILL_CEILINGS), HEAD_DIM specialised with the tile base's row scaled after the opaque offset (16-byte
+vector loads; fewer spills summed over the targets at 16 x 16 than unspecialised, not on every one), and the p2c
+window product taken as K Pq^T, gathered, transposed (its left operand is then the [BN, BD] key tile, not the
+[WIN, BD] table window). Spill-free would need a smaller live
+set in the band loop itself or the band loop in a kernel of its own (measured: the band loop alone still spills
+at 32 x 32), see KNOWN_SPILL_CEILINGS in deberta_fast/benchmark/triton_compile.py for the bound CI holds.
 """
 
 from __future__ import annotations
@@ -41,35 +49,33 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    MODE_SAT_HI,
+    MODE_SAT_LO,
+    MODE_WINDOW,
     NO_SPECIALIZE_BWD,
     LOG2E,
     block_d,
+    check_int32_offsets,
+    content_tile_ranges,
     device_programs,
     dropout_keep,
     interpreting,
     kernel_position_args,
+    load_slot_rows,
+    load_tile,
     load_vec,
     mask_arg,
+    masked_scores,
     mm,
+    opaque_offset,
     position_constants,
     reachable_slots,
+    register_cap,
     table_strides,
     window_size,
     window_slots,
 )
 from .attention_tiles import attention_tiles
-from .disentangled_attention_fwd import (
-    MODE_SAT_HI,
-    MODE_SAT_LO,
-    MODE_WINDOW,
-    _check_int32_offsets,
-    _register_cap,
-    content_tile_ranges,
-    load_slot_rows,
-    load_tile,
-    masked_scores,
-    opaque_offset,
-)
 
 
 @triton.jit
@@ -174,7 +180,7 @@ def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, 
                 s += tl.gather(mm(q, tl.trans(pkw), PREC), rel, 1)
             if HAS_P2C:
                 pqw = load_slot_rows(pq_base, slots, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
-                s += tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
+                s += tl.trans(tl.gather(mm(k, tl.trans(pqw), PREC), tl.trans(rel), 1))
         else:
             s = mm(q, tl.trans(k), PREC)
             if MODE != MODE_WINDOW:
@@ -355,7 +361,7 @@ def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, 
                 s += tl.gather(mm(q, tl.trans(pkw), PREC), rel, 1)
             if HAS_P2C:
                 pqw = load_slot_rows(pq_base, slots, spqs, spqd, dcol, HEAD_DIM, INTERPRET).to(k.dtype)
-                s += tl.gather(mm(pqw, tl.trans(k), PREC), rel, 0)
+                s += tl.trans(tl.gather(mm(k, tl.trans(pqw), PREC), tl.trans(rel), 1))
         else:
             s = mm(q, tl.trans(k), PREC)
             if MODE != MODE_WINDOW:
@@ -513,10 +519,10 @@ def _disentangled_bwd_dkv_kernel(
 
 
 def backward_config(length: int, head_dim: int, interpret: bool, dtype: torch.dtype = torch.float16) -> dict:
-    """Tile sizes: the tuned table's entry, else 32 x 32 tiles (the live set of two 64-slot windows, their scores
-    and the one-hot fold fits the registers) and one pipeline stage (the partial read-modify-write of a tile must
-    not be prefetched before the previous tile's store); see ``attention_tiles``. The interpreter takes 64 x 64
-    tiles (fewer Python-level steps); the tests cover 16, 32 and 64."""
+    """Tile sizes: the tuned table's entry, else 16 x 16 tiles, 8 warps (the fewest register spills measured) and
+    one pipeline stage (the partial read-modify-write of a tile must not be prefetched before the previous tile's
+    store); see ``attention_tiles``. The interpreter takes 64 x 64 tiles (fewer Python-level steps); the tests
+    cover 16, 32 and 64."""
     return attention_tiles("backward", dtype, block_d(head_dim), length, interpret)
 
 
@@ -596,7 +602,7 @@ def disentangled_attention_backward(
         HAS_C2P=bool(c2p), HAS_P2C=bool(p2c), BUCKETED=consts["BUCKETED"], HAS_MASK=attention_mask is not None,
         DROPOUT=dropout, INTERPRET=interpret, PREC="tf32" if allow_tf32 else "ieee",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, WIN=window_size(bm, bn),
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **_register_cap(interpret),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **register_cap(interpret),
     )
     scalars = (
         *kernel_position_args(consts), lo, hi,
@@ -604,7 +610,7 @@ def disentangled_attention_backward(
         float(1.0 / (1.0 - dropout_p)) if dropout else 1.0,
     )
     seed_arg = seed if dropout else query
-    _check_int32_offsets(query=(query, bm), out=(out, bm), grad_out=(grad_out, bm), key=(key, bn),
+    check_int32_offsets(query=(query, bm), out=(out, bm), grad_out=(grad_out, bm), key=(key, bn),
                          value=(value, bn), pos_key=(pos_key if c2p else None, None),
                          pos_query=(pos_query if p2c else None, None))
     pk_strides = table_strides(pos_key if c2p else None)

@@ -22,103 +22,39 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    MODE_SAT_HI,
+    MODE_SAT_LO,
+    MODE_WINDOW,
     NO_SPECIALIZE_FWD,
     LOG2E,
     block_d,
+    check_int32_offsets,
+    content_tile_ranges,
     dropout_keep,
     interpreting,
     kernel_position_args,
     load_rows,
+    load_slot_rows,
+    load_tile,
     load_vec,
     mask_arg,
+    masked_scores,
     mm,
+    opaque_offset,
     position_constants,
+    register_cap,
     table_strides,
     window_size,
     window_slots,
 )
-from .attention_tiles import attention_tiles, current_target
+from .attention_tiles import attention_tiles
 
 # Running max before any key: finite, so fully masked tiles give exp2(-inf) = 0, never NaN. A constexpr: a jit
 # function may only read module-level values that are tl.constexpr (the interpreter does not enforce it).
 NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)
 
-# HEAD_DIM stays specialised (Triton marks it divisible by 16 when it is): the bound of the head-dim mask
-# `dcol < HEAD_DIM` is then known to hold for whole 16-column groups, so every [rows, BLOCK_D] load is a
-# 16-byte vector load. Unspecialised, each element became its own 2-byte load with its own 64-bit address.
-NO_SPECIALIZE = [name for name in NO_SPECIALIZE_FWD if name != "HEAD_DIM"]
-
-MODE_WINDOW: tl.constexpr = tl.constexpr(0)
-MODE_SAT_HI: tl.constexpr = tl.constexpr(1)
-MODE_SAT_LO: tl.constexpr = tl.constexpr(2)
-
-
-@triton.jit
-def opaque_offset(x, INTERPRET: tl.constexpr):
-    """x (a scalar int64 offset), hidden from LLVM's loop strength reduction.
-
-    A tile's element addresses are tile base + loop-invariant int32 offsets. When LLVM can see that the base
-    advances by a constant each iteration, it turns every per-thread vector address into its own 64-bit
-    induction variable (two registers each, carried across the key loop, where they spilled). Passing the
-    base offset through an empty asm move keeps one scalar per tile; each address is then one add at its load.
-    """
-    if INTERPRET:
-        return x
-    else:
-        return tl.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l", [x], dtype=tl.int64, is_pure=True, pack=1)
-
-
-@triton.jit
-def load_tile(tile_base, first, n_ok, stride_r, stride_d, dcol, HEAD_DIM, R: tl.constexpr,
-              INTERPRET: tl.constexpr):
-    """[R, BLOCK_D] rows first + [0, R) of a [rows, HEAD_DIM] matrix at tile_base (zeros at rows >= n_ok or
-    columns >= HEAD_DIM); float32 under the interpreter.
-
-    The tile's first row moves the (scalar, 64-bit) base pointer; the element offsets are int32 and relative
-    to it (< R · stride_r + BLOCK_D · stride_d), so they are the same for every tile of a loop: a few
-    loop-invariant registers, where [R, BLOCK_D] 64-bit pointers became one 64-bit induction variable per
-    loaded vector (and spilled).
-    """
-    r = tl.arange(0, R)
-    base = tile_base + opaque_offset(tl.cast(first, tl.int64) * stride_r, INTERPRET)
-    x = tl.load(base + (r[:, None] * stride_r + dcol[None, :] * stride_d),
-                mask=(r < n_ok - first)[:, None] & (dcol[None, :] < HEAD_DIM), other=0.0)
-    if INTERPRET:
-        # The interpreter's bf16 arithmetic is broken: compute in float32 there.
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def load_slot_rows(table_base, slots, stride_s, stride_d, dcol, HEAD_DIM, INTERPRET: tl.constexpr):
-    """[WIN, BLOCK_D] table rows ``slots`` (all in [0, 2S)) with int32 offsets (the launcher checks that
-    2S · stride_s fits); float32 under the interpreter."""
-    x = tl.load(table_base + (slots[:, None] * stride_s + dcol[None, :] * stride_d),
-                mask=dcol[None, :] < HEAD_DIM, other=0.0)
-    if INTERPRET:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def content_tile_ranges(m0, L, SAT_HI, SAT_LO, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    """Key tiles of query block m0: [0, n_hi) all saturated high, [n_hi, t_lo) band, [t_lo, n_tiles) low."""
-    n_tiles = tl.cdiv(L, BLOCK_N)
-    if HAS_POS:
-        # Tile t is saturated high when its smallest distance m0 - (t·BN + BN - 1) >= SAT_HI.
-        x = m0 - (BLOCK_N - 1) - SAT_HI
-        n_hi = tl.where(x >= 0, tl.maximum(x, 0) // BLOCK_N + 1, 0)
-        n_hi = tl.minimum(n_hi, n_tiles)
-        # ... and saturated low when its largest distance m0 + BM - 1 - t·BN <= SAT_LO (< 0).
-        y = m0 + (BLOCK_M - 1) - SAT_LO
-        t_lo = (y + BLOCK_N - 1) // BLOCK_N
-        t_lo = tl.minimum(tl.maximum(t_lo, n_hi), n_tiles)
-    else:
-        n_hi = n_tiles * 0
-        t_lo = n_tiles
-    return n_hi, t_lo, n_tiles
-
+# HEAD_DIM is specialised (vector loads): see NO_SPECIALIZE_FWD.
+NO_SPECIALIZE = NO_SPECIALIZE_FWD
 
 @triton.jit
 def content_scores(q, k, m0, n0, pk_base, spks, spkd, pq_base, spqs, spqd, dcol, HEAD_DIM, c_row, pq_sat,
@@ -154,14 +90,6 @@ def content_scores(q, k, m0, n0, pk_base, spks, spkd, pq_base, spqs, spqd, dcol,
             if HAS_P2C:
                 s += tl.sum(k.to(tl.float32) * pq_sat[None, :], 1)[None, :]
     return s
-
-
-@triton.jit
-def masked_scores(s, row_ok, col_ok, col_in, P):
-    """Masked pairs -> -inf; an invalid query row without prefix keys -> 0 on every in-range key (uniform)."""
-    valid = row_ok[:, None] & col_ok[None, :]
-    uniform = (~row_ok)[:, None] & col_in[None, :] & (P == 0)
-    return tl.where(valid, s, tl.where(uniform, 0.0, float("-inf"))), valid
 
 
 @triton.jit
@@ -298,26 +226,6 @@ def _disentangled_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_int32_offsets(**tensors) -> None:
-    """The kernel addresses a key / value tile (rows < its BLOCK_N past the tile's first row) and a whole
-    positional table [.., 2S, D] with int32 element offsets: raise if one of them could exceed int32."""
-    for name, (tensor, rows) in tensors.items():
-        if tensor is None:
-            continue
-        rows = tensor.shape[-2] if rows is None else rows
-        reach = rows * tensor.stride(-2) + tensor.shape[-1] * tensor.stride(-1)
-        if reach >= 2**31:
-            raise ValueError(f"{name}: row stride {tensor.stride(-2)} x {rows} rows needs offsets beyond int32 "
-                             f"({reach} elements); pass a contiguous [B, L, H, D] / [.., 2S, H, D] layout")
-
-
-def _register_cap(interpret: bool) -> dict:
-    """Launch option maxnreg=255 when compiling for sm_80: without it ptxas (13.x) caps some 8-warp variants there
-    at 128 registers and spills (32 x 32 tiles with dropout). Not on the other targets, where the explicit cap
-    made ptxas allocate differently and spill (sm_120). The interpreter takes no such option."""
-    return {"maxnreg": 255} if not interpret and current_target() == "sm_80" else {}
-
-
 def forward_config(length: int, head_dim: int, interpret: bool, dtype: torch.dtype = torch.float16) -> dict:
     """Tile sizes: the tuned table's entry for this target / dtype / head dim, else the defaults
     (``attention_tiles``)."""
@@ -353,7 +261,7 @@ def disentangled_attention_forward(
     config = tiles or forward_config(length, head_dim, interpret, query.dtype)
     bm = block_m or config["BLOCK_M"]
     bn = block_n or config["BLOCK_N"]
-    _check_int32_offsets(key=(key, bn), value=(value, bn), pos_key=(pos_key if c2p else None, None),
+    check_int32_offsets(key=(key, bn), value=(value, bn), pos_key=(pos_key if c2p else None, None),
                          pos_query=(pos_query if p2c else None, None))
     out = torch.empty(batch, length, heads, head_dim, dtype=query.dtype, device=query.device).transpose(1, 2)
     lse = torch.empty(batch, heads, length, dtype=torch.float32, device=query.device)
@@ -374,6 +282,6 @@ def disentangled_attention_forward(
         HAS_C2P=bool(c2p), HAS_P2C=bool(p2c), BUCKETED=consts["BUCKETED"], HAS_MASK=attention_mask is not None,
         DROPOUT=dropout, INTERPRET=interpret, PREC="tf32" if allow_tf32 else "ieee",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(head_dim), WIN=window_size(bm, bn),
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **_register_cap(interpret),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **register_cap(interpret),
     )
     return out, lse

@@ -42,12 +42,12 @@ TARGETS = {
 }
 DTYPES = ("float32", "float16", "bfloat16")
 HEAD_DIMS = (32, 48, 64, 80, 96, 128)
-# Known defect, bounded rather than hidden: the fp16/bf16 attention backward kernels still spill registers in their
-# positional branches (last measured worst cases, c2p + p2c with dropout and prefix keys: 124-850 bytes at 255
-# registers; 32 x 32 tiles, 8 warps). Until their live sets are restructured, their spill stores must stay under this
-# ceiling (a regression fails); the README readiness table lists them. Every other fp16/bf16 kernel (the attention
-# forward, LoRA, fused linear, RNG) must spill nothing.
-KNOWN_SPILL_CEILINGS = {"_disentangled_bwd_dq_kernel": 1024, "_disentangled_bwd_dkv_kernel": 1024}
+# Known defect, bounded rather than hidden: the fp16/bf16 attention backward dQ kernel still spills a few registers
+# at BLOCK_D 128 with positional terms (last measured, 16 x 16 tiles, 8 warps, triton 3.9: 12-40 bytes at 255
+# registers, sm_80 / sm_90; 32 x 32 tiles spilled up to 850). Its spill stores must stay under this ceiling (a
+# regression fails); the README readiness table lists them. Every other fp16/bf16 kernel (the attention forward, the
+# dK/dV backward, LoRA, fused linear, RNG) must spill nothing.
+KNOWN_SPILL_CEILINGS = {"_disentangled_bwd_dq_kernel": 64}
 TENSOR_CORE_SASS = re.compile(r"\b(HMMA|HGMMA|UTC\w*MMA)\b")
 
 
