@@ -6,7 +6,7 @@ processes without TRITON_INTERPRET; see deberta_fast/benchmark/triton_compile.py
 the constexpr branches production reaches and every autotune config / tile config it can pick. Each compiled
 kernel must: compile; fit the target's opt-in static shared memory; when fp16/bf16 and holding a tl.dot, show
 tensor-core instructions (HMMA / HGMMA / tcgen05) in its SASS and spill no register, except the attention
-backward dQ kernel's known spills, held under a ceiling (``triton_compile.KNOWN_SPILL_CEILINGS``); fp32 spills are
+backward kernels' known spills, held under ceilings (``triton_compile.KNOWN_SPILL_CEILINGS``); fp32 spills are
 recorded in the README's readiness table, not failed.
 """
 
