@@ -1,4 +1,4 @@
-// Hidden-state dropout from the counter-based generator of attention_dropout.h (Philox4x32-10, key (seed mod 2^32,
+// Hidden-state dropout from the counter-based generator of philox.h (Philox4x32-10, key (seed mod 2^32,
 // seed div 2^32), a word folded to y = x < 0 ? ~x : x as int32 and kept when float(y) * 4.6566127342e-10f >= p).
 // One Philox call gives four words, and each decides one element: element (row, col) of the 2-D view [rows, hidden]
 // of a tensor uses word (col div 16) mod 4 of the call with counters (row, 0, 16 * (col div 64) + col mod 16, 1),
@@ -14,76 +14,16 @@
 #include <cstdint>
 #include <optional>
 
-#include "attention_dropout.h"
+#include "philox.h"
 
 namespace deberta_fast_cpu {
 
 constexpr uint32_t kHiddenStream = 1u;
 
-// The four output words of Philox4x32-10, in place over the counters c[0..3].
-inline void philox4(uint32_t* c, uint32_t k0, uint32_t k1) {
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    const uint64_t a = uint64_t(kPhiloxRoundA) * c[0], b = uint64_t(kPhiloxRoundB) * c[2];
-    const uint32_t n0 = uint32_t(b >> 32) ^ c[1] ^ k0, n2 = uint32_t(a >> 32) ^ c[3] ^ k1;
-    c[1] = uint32_t(b);
-    c[3] = uint32_t(a);
-    c[0] = n0;
-    c[2] = n2;
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-  }
-}
-
-#if defined(CPU_CAPABILITY_AVX512)
-inline void philox4_16(__m512i* c, uint32_t k0, uint32_t k1) {
-  const __m512i ra = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m512i rb = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    __m512i a_hi, a_lo, b_hi, b_lo;
-    mul_wide16(c[0], ra, a_hi, a_lo);
-    mul_wide16(c[2], rb, b_hi, b_lo);
-    c[0] = _mm512_xor_si512(_mm512_xor_si512(b_hi, c[1]), _mm512_set1_epi32(static_cast<int>(k0)));
-    c[2] = _mm512_xor_si512(_mm512_xor_si512(a_hi, c[3]), _mm512_set1_epi32(static_cast<int>(k1)));
-    c[1] = b_lo;
-    c[3] = a_lo;
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-  }
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-inline void philox4_8(__m256i* c, uint32_t k0, uint32_t k1) {
-  const __m256i ra = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m256i rb = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    __m256i a_hi, a_lo, b_hi, b_lo;
-    mul_wide8(c[0], ra, a_hi, a_lo);
-    mul_wide8(c[2], rb, b_hi, b_lo);
-    c[0] = _mm256_xor_si256(_mm256_xor_si256(b_hi, c[1]), _mm256_set1_epi32(static_cast<int>(k0)));
-    c[2] = _mm256_xor_si256(_mm256_xor_si256(a_hi, c[3]), _mm256_set1_epi32(static_cast<int>(k1)));
-    c[1] = b_lo;
-    c[3] = a_lo;
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-  }
-}
-#endif
-
-class HiddenDropout {
+// The hidden dropout of one call (off when dropout_p == 0).
+class HiddenDropout : public CounterDropout {
  public:
-  HiddenDropout() = default;
-  HiddenDropout(int64_t seed, double dropout_p) {
-    TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "deberta_fast_cpu: dropout_p must be in [0, 1); got ",
-                dropout_p);
-    if (dropout_p == 0.0) return;
-    on_ = true;
-    k0_ = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFu);
-    k1_ = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-    scale_ = static_cast<float>(1.0 / (1.0 - dropout_p));
-    threshold_ = dropout_threshold(static_cast<float>(dropout_p));
-  }
-
-  bool on() const { return on_; }
-  float scale() const { return scale_; }
+  using CounterDropout::CounterDropout;
 
   bool keep(int64_t row, int64_t col) const {
     uint32_t c[4] = {static_cast<uint32_t>(row), 0u, static_cast<uint32_t>(16 * (col >> 6) + (col & 15)),
@@ -131,12 +71,6 @@ class HiddenDropout {
 #endif
     for (; c < n; ++c) factor[c] = keep(row, c) ? scale_ : 0.f;
   }
-
- private:
-  bool on_ = false;
-  uint32_t k0_ = 0, k1_ = 0;
-  int32_t threshold_ = 0;
-  float scale_ = 1.f;
 };
 
 // The hidden dropout of a call from its optional int64 [1] seed (required when dropout_p > 0).
