@@ -42,3 +42,15 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def native_ops():
+    """The native CPU library (attention, bias + GELU, residual + LayerNorm) must build on this machine: the test
+    modules that compare it with the reference use this fixture, so a build failure fails them instead of letting
+    dispatch fall back to the reference unnoticed."""
+    from deberta_fast.ops import attention_cpu, bias_gelu, residual_layernorm
+
+    for op in (attention_cpu, bias_gelu, residual_layernorm):
+        error = op.build_error()
+        assert not error, f"the native op must build on this machine ({op.__name__}): {error}"

@@ -36,11 +36,7 @@ CASES = {
 LAYERS = 2  # tests/configs.py BASE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_ops():
-    for op in (rln, bg):
-        error = op.build_error()
-        assert not error, f"the native ops must build on this machine: {error}"
+pytestmark = pytest.mark.usefixtures("native_ops")
 
 
 def _model(case: str):

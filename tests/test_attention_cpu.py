@@ -83,11 +83,7 @@ def assert_close_fp32(actual, expected, what):
     torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_op():
-    status = attention_cpu.extension()
-    assert status.ok, f"the native op must build on this machine: {status.error}"
-    return status
+pytestmark = pytest.mark.usefixtures("native_ops")
 
 
 @pytest.mark.parametrize("mask_kind", MASKS)

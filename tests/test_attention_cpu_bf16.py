@@ -19,11 +19,7 @@ from configs import make_config, make_mask, transformers_and_fast
 FLOOR = 2e-2  # bf16 has 8 bits of mantissa: a few units of its last place at the hidden states' magnitude
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_op():
-    status = attention_cpu.extension()
-    assert status.ok, f"the native op must build on this machine: {status.error}"
-    return status
+pytestmark = pytest.mark.usefixtures("native_ops")
 
 
 @pytest.fixture

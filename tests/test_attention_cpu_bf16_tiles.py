@@ -32,11 +32,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_op():
-    status = attention_cpu.extension()
-    assert status.ok, f"the native op must build on this machine: {status.error}"
-    return status
+pytestmark = pytest.mark.usefixtures("native_ops")
 
 
 def raw_forward(tensors, mask, kwargs, pair_mask=None):

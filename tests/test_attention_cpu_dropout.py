@@ -21,11 +21,7 @@ from deberta_fast.ops.attention_reference import disentangled_attention_referenc
 from test_attention_cpu import assert_close_fp32, make_call
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_op():
-    status = attention_cpu.extension()
-    assert status.ok, f"the native op must build on this machine: {status.error}"
-    return status
+pytestmark = pytest.mark.usefixtures("native_ops")
 
 
 def seed_tensor(value: int) -> torch.Tensor:

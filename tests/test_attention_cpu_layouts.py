@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from deberta_fast.models.attention import DisentangledSelfAttention
-from deberta_fast.ops import attention_cpu
 from deberta_fast.ops.attention import disentangled_attention
 from deberta_fast.ops.positions import RelativePositionSpec, distance_slot_table, softmax_scale
 
@@ -90,10 +89,7 @@ def assert_close(actual, expected, what):
     torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_op():
-    status = attention_cpu.extension()
-    assert status.ok, f"the native op must build on this machine: {status.error}"
+pytestmark = pytest.mark.usefixtures("native_ops")
 
 
 @pytest.mark.parametrize("table_layout", TABLE_LAYOUTS)

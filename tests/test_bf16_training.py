@@ -12,7 +12,6 @@ import torch
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
 import deberta_fast
-from deberta_fast.ops import attention_cpu
 from deberta_fast.ops.dispatch import use_backend
 
 from configs import make_config, make_mask, transformers_and_fast
@@ -20,11 +19,7 @@ from configs import make_config, make_mask, transformers_and_fast
 FLOOR = 2e-2  # relative to each gradient's largest entry: a few units of bf16's last place
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_op():
-    status = attention_cpu.extension()
-    assert status.ok, f"the native op must build on this machine: {status.error}"
-    return status
+pytestmark = pytest.mark.usefixtures("native_ops")
 
 
 def step(model, inputs, autocast: bool):

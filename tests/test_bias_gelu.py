@@ -19,10 +19,7 @@ SHAPES = {"tiny": (3, 5, 16), "tail": (2, 7, 53), "rows": (301, 24), "ffn": (1, 
 FP32_RTOL = 2e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_op():
-    error = bg.build_error()
-    assert not error, f"the native op must build on this machine: {error}"
+pytestmark = pytest.mark.usefixtures("native_ops")
 
 
 def make_inputs(shape, dtype=torch.float32, seed=0):

@@ -32,10 +32,7 @@ SHAPES = {  # name -> shape of x / residual [..., H]
 FP32_RTOL = 2e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_op():
-    error = rln.build_error()
-    assert not error, f"the native op must build on this machine: {error}"
+pytestmark = pytest.mark.usefixtures("native_ops")
 
 
 def make_inputs(shape, dtype=torch.float32, bias=True, seed=0, requires_grad=True):
