@@ -47,7 +47,7 @@ def test_sweep_winners_merge_into_the_table_and_reach_the_launcher(tmp_path, mon
         # capped by the length; no entry (fp16 on sm_90) -> the defaults
         assert attention_tiles.attention_tiles("forward", torch.bfloat16, 64, 40, False)["BLOCK_M"] == 64
         assert attention_tiles.attention_tiles("forward", torch.float16, 64, 4096, False) == \
-            attention_tiles.default_tiles("forward", torch.float16, 64, False)
+            attention_tiles.default_tiles("forward", torch.float16, 64, False, "sm_90")
         assert [e["target"] for e in attention_tiles.table_entries()] == ["sm_80", "sm_90"]
     finally:
         attention_tiles._table.cache_clear()

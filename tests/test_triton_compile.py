@@ -6,7 +6,8 @@ processes without TRITON_INTERPRET; see deberta_fast/benchmark/triton_compile.py
 the constexpr branches production reaches and every autotune config / tile config it can pick. Each compiled
 kernel must: compile; fit the target's opt-in static shared memory; when fp16/bf16 and holding a tl.dot, show
 tensor-core instructions (HMMA / HGMMA / tcgen05) in its SASS and spill no register, except the attention
-backward kernels' known spills, held under ceilings (``triton_compile.KNOWN_SPILL_CEILINGS``); fp32 spills are
+backward kernels' known spills, held under byte ceilings and kept out of every tile loop (no local-memory
+instruction deeper than the item loop in the SASS; ``triton_compile.KNOWN_SPILL_CEILINGS``); fp32 spills are
 recorded in the README's readiness table, not failed.
 """
 
@@ -162,3 +163,33 @@ def test_pairwise_design_covers_every_pair():
                     continue
                 assert any(r[first] == u and r[second] == v for r in rows), (first, u, second, v)
     assert len(rows) < 3 * 2 * 2 * 3
+
+
+# A hand-written listing in cuobjdump's format: an outer loop [0x0040, 0x00f0] (sm_80-style predicated branch)
+# around an inner loop [0x0080, 0x00c0] (sm_100-style uniform-predicate branch).
+_SASS_TWO_LOOPS = """
+        /*0000*/                   STL [R1], R2 ;                       /* 0x0 */
+        /*0040*/                   IADD3 R3, R3, 0x1, RZ ;              /* 0x0 */
+        /*0050*/                   LDL R4, [R1] ;                       /* 0x0 */
+        /*0080*/                   HMMA.16816.F32 R8, R12, R14, R8 ;    /* 0x0 */
+        /*0090*/                   {INNER} ;                            /* 0x0 */
+        /*00c0*/                   BRA.U !UP2, 0x80 ;                   /* 0x0 */
+        /*00d0*/              @P0 BRA 0x100 ;                           /* 0x0 */
+        /*00f0*/              @!P2 BRA 0x40 ;                           /* 0x0 */
+        /*0100*/                   EXIT ;                               /* 0x0 */
+"""
+
+
+@pytest.mark.parametrize("inner,depth", [("NOP", 1), ("LDL.LU R5, [R1+0x4]", 2), ("STL.64 [R1+0x8], R6", 2)])
+def test_spill_loop_depth_counts_the_loops_around_local_memory(inner, depth):
+    assert tc.spill_loop_depth(_SASS_TWO_LOOPS.replace("{INNER}", inner)) == depth
+    assert tc.spill_loop_depth("/*0000*/ IADD3 R3, R3, 0x1, RZ ; /*0010*/ EXIT ;") is None
+
+
+def test_known_spills_inside_a_tile_loop_fail_the_check():
+    record = dict(kernel="_disentangled_bwd_dq_kernel", target="sm_90", dtype="float16", shared=1024, has_dot=True,
+                  tensor_core_instructions=8, spill_stores=40, spill_loop_depth=1, error=None)
+    assert tc.check_record(record) == []
+    assert any("2 loops deep" in p for p in tc.check_record(dict(record, spill_loop_depth=2)))
+    assert any("no SASS spill instruction" in p for p in tc.check_record(dict(record, spill_loop_depth=None)))
+    assert any("spill stores" in p for p in tc.check_record(dict(record, kernel="_disentangled_fwd_kernel")))

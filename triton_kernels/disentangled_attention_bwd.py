@@ -37,9 +37,13 @@ What lowered the spills: 16 x 16 tiles with 8 warps (``attention_tiles``; the bo
 KNOWN_SPILL_CEILINGS), HEAD_DIM specialised with the tile base's row scaled after the opaque offset (16-byte
 vector loads; fewer spills summed over the targets at 16 x 16 than unspecialised, not on every one), and the p2c
 window product taken as K Pq^T, gathered, transposed (its left operand is then the [BN, BD] key tile, not the
-[WIN, BD] table window). Spill-free would need a smaller live
-set in the band loop itself or the band loop in a kernel of its own (measured: the band loop alone still spills
-at 32 x 32), see KNOWN_SPILL_CEILINGS in deberta_fast/benchmark/triton_compile.py for the bound CI holds.
+[WIN, BD] table window). What still spills (dQ 40-52 bytes, dK/dV <= 72, by target) are values kept across the
+item loop: in the SASS every spill store precedes it and every spill load sits in its body, outside the tile loops
+(CI holds both, KNOWN_SPILL_CEILINGS in deberta_fast/benchmark/triton_compile.py). Measured and not taken: parking
+the band's dS per program and taking the c2p table gradient per distance window after the band (dQ on sm_90 52 -> 20
+bytes, not zero; a new [programs, BLOCK_M, band] buffer); recomputing the table / partial bases per item (no gain).
+Measured for orientation: without the c2p table-gradient step in its band loop the dQ kernel fits in 252 registers
+and spills nothing (sm_90, largest-live-set branch).
 """
 
 from __future__ import annotations
