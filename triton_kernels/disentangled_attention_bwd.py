@@ -39,11 +39,12 @@ vector loads; fewer spills summed over the targets at 16 x 16 than unspecialised
 window product taken as K Pq^T, gathered, transposed (its left operand is then the [BN, BD] key tile, not the
 [WIN, BD] table window). What still spills (dQ 40-52 bytes, dK/dV <= 72, by target) are values kept across the
 item loop: in the SASS every spill store precedes it and every spill load sits in its body, outside the tile loops
-(CI holds both, KNOWN_SPILL_CEILINGS in deberta_fast/benchmark/triton_compile.py). Measured and not taken: parking
-the band's dS per program and taking the c2p table gradient per distance window after the band (dQ on sm_90 52 -> 20
-bytes, not zero; a new [programs, BLOCK_M, band] buffer); recomputing the table / partial bases per item (no gain).
-Measured for orientation: without the c2p table-gradient step in its band loop the dQ kernel fits in 252 registers
-and spills nothing (sm_90, largest-live-set branch).
+(CI holds both, KNOWN_SPILL_CEILINGS in deberta_fast/benchmark/triton_compile.py). Measured in the largest-live-set
+branch (fp16, sm_80 / 90 / 100 / 120) and not taken: parking the band's dS per program behind its partial and taking
+both c2p terms of the band (dQ's and the table gradient) per distance window after the band left dQ at 12 / 12 / 4 / 8
+bytes, not zero, for a new [programs, BLOCK_M, band] buffer; reloading Q per band tile, int32 partial offsets and
+recomputing the table / partial bases per item each moved the spills by a few bytes either way. Without the c2p
+table-gradient step in its band loop (and nothing after it) the dQ kernel spills nothing (244-255 registers).
 """
 
 from __future__ import annotations
