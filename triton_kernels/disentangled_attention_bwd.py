@@ -42,8 +42,10 @@ item loop: in the SASS every spill store precedes it and every spill load sits i
 (CI holds both, KNOWN_SPILL_CEILINGS in deberta_fast/benchmark/triton_compile.py). Measured in the largest-live-set
 branch (fp16, sm_80 / 90 / 100 / 120) and not taken: parking the band's dS per program behind its partial and taking
 both c2p terms of the band (dQ's and the table gradient) per distance window after the band left dQ at 12 / 12 / 4 / 8
-bytes, not zero, for a new [programs, BLOCK_M, band] buffer; reloading Q per band tile, int32 partial offsets and
-recomputing the table / partial bases per item each moved the spills by a few bytes either way. Without the c2p
+bytes, not zero, for a new [programs, BLOCK_M, band] buffer; merging the two saturated loops into one on top of that
+gave 8 / 52 / 0 / 0; reloading Q per band tile, int32 partial offsets and recomputing the table / partial bases per
+item each moved the spills by a few bytes either way. At 255 registers the allocator's outcome swings by tens of bytes
+with small changes; spill-free on every target needs a clearly smaller live set. Without the c2p
 table-gradient step in its band loop (and nothing after it) the dQ kernel spills nothing (244-255 registers).
 """
 
