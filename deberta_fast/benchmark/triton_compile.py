@@ -45,7 +45,10 @@ HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 # Known defect, bounded rather than hidden: in the branch with the largest live set (c2p + p2c, token mask, dropout,
 # prefix keys, head dim 128) the fp16/bf16 attention backward kernels still spill a few registers at 255 (last
 # measured with triton 3.9, 16 x 16 tiles, 8 warps: dQ 40-52 bytes, dK/dV 0-72 bytes by target; 32 x 32 tiles spilled
-# up to 850). The spilled values are ones the kernel keeps across its loop over (batch, block) items, and the SASS
+# up to 850). Two other sm_90 dQ variants spill too: head dim 80 without dropout (20 bytes, at 255 registers) and the
+# branch without positional terms (12 bytes: ptxas stops that one at 128 registers, which lets two programs share an SM;
+# maxnreg=255 removes those 12 bytes but doubles the worst branch's spills to 108, so it is not set on sm_90). The
+# spilled values are ones the kernel keeps across its loop over (batch, block) items, and the SASS
 # shows it: every spill store is before that loop, every spill load in its body, none inside a tile loop, so they
 # cost a few L1 loads per item of L / 16 tiles. Each entry: (spill-store bytes, deepest loop that may hold a spill
 # instruction: 1 = the item loop); a regression on either fails. Every other fp16/bf16 kernel (the forward, LoRA,
