@@ -92,7 +92,9 @@ def default_tiles(kind: str, dtype: torch.dtype, bd: int, interpret: bool, targe
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3 if target == "sm_100" else 2)
     # Backward 16 x 16, 8 warps: at 32 x 32 both kernels spilled 84-788 bytes on every target (fp16/bf16, c2p + p2c,
     # dropout, head dims 64 / 128), at 16 x 16 with 8 warps at most a few dozen; 4 warps spilled more at BLOCK_D
-    # 128, 16 x 32 / 32 x 16 more still. One stage: a tile's partial read-modify-write must not be prefetched
+    # 128, 16 x 32 / 32 x 16 more still (fp16, largest-live-set branch, per kernel and target, triton 3.9: 32 x 16
+    # with 8 warps 120-492 bytes, with 4 warps 520-1064; 16 x 32 with 4 warps 472-1084; 32 x 32 with 4 warps
+    # 736-1260). One stage: a tile's partial read-modify-write must not be prefetched
     # before the previous tile's store.
     return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
 
