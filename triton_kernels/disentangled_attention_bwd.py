@@ -40,13 +40,14 @@ window product taken as K Pq^T, gathered, transposed (its left operand is then t
 [WIN, BD] table window). What still spills (dQ 40-52 bytes, dK/dV <= 72, by target) are values kept across the
 item loop: in the SASS every spill store precedes it and every spill load sits in its body, outside the tile loops
 (CI holds both, KNOWN_SPILL_CEILINGS in deberta_fast/benchmark/triton_compile.py). Measured in the largest-live-set
-branch (fp16, sm_80 / 90 / 100 / 120) and not taken: parking the band's dS per program behind its partial and taking
-both c2p terms of the band (dQ's and the table gradient) per distance window after the band left dQ at 12 / 12 / 4 / 8
-bytes, not zero, for a new [programs, BLOCK_M, band] buffer; merging the two saturated loops into one on top of that
-gave 8 / 52 / 0 / 0; reloading Q per band tile, int32 partial offsets and recomputing the table / partial bases per
-item each moved the spills by a few bytes either way. At 255 registers the allocator's outcome swings by tens of bytes
-with small changes; spill-free on every target needs a clearly smaller live set. Without the c2p
-table-gradient step in its band loop (and nothing after it) the dQ kernel spills nothing (244-255 registers).
+branch (fp16, dQ on sm_80 / 90 / 100 / 120, now 40 / 52 / 48 / 48 bytes) and not taken: parking the band's dS per
+program behind its partial and taking both c2p terms of the band (dQ's and the table gradient) per distance window
+after the band: 12 / 12 / 4 / 8, not zero, for a new [programs, BLOCK_M, band] buffer; that plus one merged saturated
+loop: 8 / 52 / 0 / 0; reloading Q and dO per band tile: 24 / 64 / 36 / 32; the table / partial bases recomputed per
+item: 24 / 52 / 44 / 56; K, V and the table windows loaded transposed instead of tl.trans: 28 / 120 / 72 / 56. At 255
+registers the allocator's outcome swings by tens of bytes with small changes; spill-free on every target needs a
+clearly smaller live set. Without the c2p table-gradient step in its band loop (and nothing after it) the dQ kernel
+spills nothing (244-255 registers).
 """
 
 from __future__ import annotations
