@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -26,11 +27,18 @@ def small_data(tmp_path_factory):
     return root
 
 
+def _free_port() -> int:
+    """A TCP port no one listens on now: a fixed one failed with EADDRINUSE when two test runs shared the machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _run(args, env_extra=None, torchrun=0):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     prefix = [sys.executable, "-m"]
     if torchrun:
-        prefix += ["torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29517", "-m"]
+        prefix += ["torch.distributed.run", f"--nproc_per_node={torchrun}", f"--master_port={_free_port()}", "-m"]
     command = prefix + ["deberta_fast", "train", "--no-progress", "--dropout", "0", "--max-length", "32"] + args
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
