@@ -8,10 +8,10 @@ for (its active driver), so the compile-only tests, which stand in a driver for 
 production would use.
 
 Defaults (no entry), from the compile-only evidence (registers, spills, shared memory per target; README "GPU
-readiness"): fp16/bf16 forward 32 x 32 tiles, 8 warps, 2 stages (3 on sm_100; spill-free); backward 16 x 16 tiles, 8 warps,
-1 stage (the fewest spills measured; see ``default_tiles``). Exact fp32 (FMA dots): forward 32 x 32 up to BLOCK_D 64
-and 16 x 16 above, backward 16 x 16, 4 warps, 1 stage (64 x 64 fp32 tiles need 256 KiB of shared memory at BLOCK_D
-128). Tiles never exceed the next power of two of the length (min 16).
+readiness"): fp16/bf16 forward 32 x 32 tiles, 8 warps, 2 stages (3 on sm_100; spill-free); backward 16 x 16
+tiles, 8 warps, 1 stage (the fewest spills measured; see ``default_tiles``). Exact fp32 (FMA dots): forward 32 x 32
+up to BLOCK_D 64 and 16 x 16 above, backward 16 x 16, 4 warps, 1 stage (64 x 64 fp32 tiles need 256 KiB of shared
+memory at BLOCK_D 128). Tiles never exceed the next power of two of the length (min 16).
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def default_tiles(kind: str, dtype: torch.dtype, bd: int, interpret: bool, targe
     # dropout, head dims 64 / 128), at 16 x 16 with 8 warps at most a few dozen; 4 warps spilled more at BLOCK_D
     # 128, 16 x 32 / 32 x 16 more still (fp16, largest-live-set branch, per kernel and target, triton 3.9: 32 x 16
     # with 8 warps 120-492 bytes, with 4 warps 520-1064; 16 x 32 with 4 warps 472-1084; 32 x 32 with 4 warps
-    # 736-1260). One stage: a tile's partial read-modify-write must not be prefetched
-    # before the previous tile's store.
+    # 736-1260). One stage: a tile's partial read-modify-write must not be prefetched before the previous tile's
+    # store.
     return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
 
 

@@ -166,7 +166,6 @@ def run_sweep(csv_path: str, time_limit: float, table_path: str | None = None) -
             grad = torch.randn_like(q)
             opts = dict(c2p=True, p2c=True, position_buckets=256, max_relative_positions=512,
                         softmax_scale=1.0 / (3 * hd) ** 0.5, dropout_p=0.0, num_prefix_keys=0)
-            target = attention_tiles.current_target()
             default_f = attention_tiles.default_tiles("forward", dtype, block_d(hd), False, target)
             default_b = attention_tiles.default_tiles("backward", dtype, block_d(hd), False, target)
             ref_out, ref_lse = disentangled_attention_forward(q, k, v, table, table, None, None, tiles=default_f,

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 # Opt-in static shared memory per block (CUDA programming guide, compute capabilities table), in bytes.
 TARGETS = {
@@ -50,10 +51,17 @@ HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 # maxnreg=255 removes those 12 bytes but doubles the worst branch's spills to 108, so it is not set on sm_90). The
 # spilled values are ones the kernel keeps across its loop over (batch, block) items, and the SASS
 # shows it: every spill store is before that loop, every spill load in its body, none inside a tile loop, so they
-# cost a few L1 loads per item of L / 16 tiles. Each entry: (spill-store bytes, deepest loop that may hold a spill
-# instruction: 1 = the item loop); a regression on either fails. Every other fp16/bf16 kernel (the forward, LoRA,
-# fused linear, RNG) must spill nothing.
-KNOWN_SPILL_CEILINGS = {"_disentangled_bwd_dq_kernel": (64, 1), "_disentangled_bwd_dkv_kernel": (96, 1)}
+# cost a few L1 loads per item of L / 16 tiles. Each entry bounds both (a regression on either fails; loop depth 1 =
+# the item loop). Every other fp16/bf16 kernel (the forward, LoRA, fused linear, RNG) must spill nothing.
+
+
+class SpillBound(NamedTuple):
+    store_bytes: int  # ptxas -v spill stores
+    loop_depth: int  # deepest loop nesting of a spill instruction in the SASS (spill_loop_depth)
+
+
+KNOWN_SPILL_CEILINGS = {"_disentangled_bwd_dq_kernel": SpillBound(64, 1),
+                        "_disentangled_bwd_dkv_kernel": SpillBound(96, 1)}
 TENSOR_CORE_SASS = re.compile(r"\b(HMMA|HGMMA|UTC\w*MMA)\b")
 
 
@@ -650,14 +658,15 @@ def check_record(record: dict) -> list[str]:
         known = KNOWN_SPILL_CEILINGS.get(record["kernel"])
         if record.get("spill_stores") is None:
             problems.append("no ptxas -v spill report for this kernel")
-        elif record["spill_stores"] > (known[0] if known else 0):
+        elif record["spill_stores"] > (known.store_bytes if known else 0):
             problems.append(f"{record['spill_stores']} bytes of register spill stores"
-                            + (f" (over the known-defect ceiling {known[0]})" if known else ""))
+                            + (f" (over the known-defect ceiling {known.store_bytes})" if known else ""))
         depth = record.get("spill_loop_depth")
         if known and record.get("spill_stores") and depth is None:
             problems.append("spills reported but no SASS spill instruction found to place them")
-        elif known and depth is not None and depth > known[1]:
-            problems.append(f"a spill instruction {depth} loops deep in the SASS (allowed: {known[1]}, the item loop)")
+        elif known and depth is not None and depth > known.loop_depth:
+            problems.append(f"a spill instruction {depth} loops deep in the SASS "
+                            f"(allowed: {known.loop_depth}, the item loop)")
     return problems
 
 
