@@ -70,6 +70,8 @@ CASES = [
     Case("prefix5", 2, 1, 40, 32, SMALL, "empty_row", prefix=5),
     Case("prefix1_buckets2_L150", 1, 1, 150, 16, BUCKETS2, "right", prefix=1),
     Case("prefix70_two_blocks", 2, 1, 33, 32, SMALL, "left", prefix=70, tables="batch"),
+    # batch and head both > 0 with per-example tables: the kernels split the (table batch, head) program index
+    Case("B2_H2_batch_tables_prefix", 2, 2, 40, 32, SMALL, "holes", prefix=2, tables="batch"),
     Case("fp16_L65_holes", 2, 1, 65, 32, SMALL, "holes", dtype=torch.float16),
     Case("fp16_L129_left_prefix", 2, 1, 129, 64, SMALL, "left", prefix=3, dtype=torch.float16),
     Case("fp16_L200_v3", 1, 2, 200, 64, V3, dtype=torch.float16),

@@ -164,20 +164,44 @@ def opaque_offset(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def per_iteration(x, INTERPRET: tl.constexpr):
+    """x (a scalar int32), recomputed in every iteration of the loop that uses it.
+
+    An asm move with a side effect, which LLVM may not hoist: values derived from x in a loop body then stay
+    in that body, instead of being hoisted to the kernel's start and holding registers through the inner loops.
+    """
+    if INTERPRET:
+        return x
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def wide(x):
+    """A non-negative int32 (stride, index) as int64 by zero extension: its high word is the constant 0, so a
+    64-bit product of two such values is one 32 x 32 -> 64-bit multiply and keeps no sign word in a register."""
+    return tl.cast(tl.cast(x, tl.uint32, bitcast=True), tl.int64)
+
+
+@triton.jit
 def load_tile(tile_base, first, n_ok, stride_r, stride_d, dcol, HEAD_DIM, R: tl.constexpr,
-              INTERPRET: tl.constexpr):
+              INTERPRET: tl.constexpr, ZERO_EXTEND: tl.constexpr):
     """[R, BLOCK_D] rows first + [0, R) of a [rows, HEAD_DIM] matrix at tile_base (zeros at rows >= n_ok or
     columns >= HEAD_DIM); float32 under the interpreter.
 
     The tile's first row moves the (scalar, 64-bit) base pointer; the element offsets are int32 and relative
     to it (< R · stride_r + BLOCK_D · stride_d), so they are the same for every tile of a loop: a few
     loop-invariant registers, where [R, BLOCK_D] 64-bit pointers became one 64-bit induction variable per
-    loaded vector (and spilled).
+    loaded vector (and spilled). ZERO_EXTEND widens first and stride_r (both >= 0) without sign words: the
+    backward kernels need those registers; in the forward it made ptxas spill 4 bytes in one variant (sm_90).
     """
     r = tl.arange(0, R)
     # The stride multiplies the opaque row after the asm: Triton then still knows the base's alignment
     # (stride divisible by 16), which the vector loads need; opaque(first · stride) made every load 2 bytes wide.
-    base = tile_base + opaque_offset(tl.cast(first, tl.int64), INTERPRET) * stride_r
+    if ZERO_EXTEND:
+        base = tile_base + opaque_offset(wide(first), INTERPRET) * wide(stride_r)
+    else:
+        base = tile_base + opaque_offset(tl.cast(first, tl.int64), INTERPRET) * stride_r
     x = tl.load(base + (r[:, None] * stride_r + dcol[None, :] * stride_d),
                 mask=(r < n_ok - first)[:, None] & (dcol[None, :] < HEAD_DIM), other=0.0)
     if INTERPRET:

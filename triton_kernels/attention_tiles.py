@@ -8,8 +8,8 @@ for (its active driver), so the compile-only tests, which stand in a driver for 
 production would use.
 
 Defaults (no entry), from the compile-only evidence (registers, spills, shared memory per target; README "GPU
-readiness"): fp16/bf16 forward 32 x 32 tiles, 8 warps, 2 stages (3 on sm_100; spill-free); backward 16 x 16
-tiles, 8 warps, 1 stage (the fewest spills measured; see ``default_tiles``). Exact fp32 (FMA dots): forward 32 x 32
+readiness"): fp16/bf16 forward 32 x 32 tiles, 8 warps, 2 stages (3 on sm_100); backward 16 x 16 tiles, 8 warps,
+1 stage (both spill-free; see ``default_tiles``). Exact fp32 (FMA dots): forward 32 x 32
 up to BLOCK_D 64 and 16 x 16 above, backward 16 x 16, 4 warps, 1 stage (64 x 64 fp32 tiles need 256 KiB of shared
 memory at BLOCK_D 128). Tiles never exceed the next power of two of the length (min 16).
 """
@@ -90,12 +90,12 @@ def default_tiles(kind: str, dtype: torch.dtype, bd: int, interpret: bool, targe
         # positional terms, mask, dropout, prefix keys, BLOCK_D 128); three spill nothing and use 112 KiB of
         # shared memory (sm_120's limit, 99 KiB, rules three out there).
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3 if target == "sm_100" else 2)
-    # Backward 16 x 16, 8 warps: at 32 x 32 both kernels spilled 84-788 bytes on every target (fp16/bf16, c2p + p2c,
-    # dropout, head dims 64 / 128), at 16 x 16 with 8 warps at most a few dozen; 4 warps spilled more at BLOCK_D
-    # 128, 16 x 32 / 32 x 16 more still (fp16, largest-live-set branch, per kernel and target, triton 3.9: 32 x 16
-    # with 8 warps 120-492 bytes, with 4 warps 520-1064; 16 x 32 with 4 warps 472-1084; 32 x 32 with 4 warps
-    # 736-1260). One stage: a tile's partial read-modify-write must not be prefetched before the previous tile's
-    # store.
+    # Backward 16 x 16, 8 warps: the only shape measured spill-free (every fp16/bf16 branch, every target, since the
+    # backward derives its addresses per tile; see disentangled_attention_bwd). Measured before that change, in the
+    # largest-live-set branch (fp16, per kernel and target, triton 3.9): 16 x 16 with 8 warps 0-72 bytes; 32 x 32
+    # with 8 warps 84-788; 32 x 16 with 8 warps 120-492, with 4 warps 520-1064; 16 x 32 with 4 warps 472-1084;
+    # 32 x 32 with 4 warps 736-1260. One stage: a tile's partial read-modify-write must not be prefetched before the
+    # previous tile's store.
     return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
 
 

@@ -19,35 +19,32 @@ across the band loop, where the register pressure peaks). The partials are summe
 order (and over the batch when the tables broadcast over it). Each program walks a fixed list of (batch, block)
 items, so the number of partials stays near a few per SM whatever B and L are.
 
-Register pressure (ptxas -v, compile-only; python -m deberta_fast.benchmark.triton_compile). Triton gives every
-``tl.dot`` linked to another one in a loop body the MMA warp layout of one of them, [1, num_warps] here (the
-[BLOCK_M, BLOCK_D] gradient accumulators), so each warp holds the whole left operand of the score products (Q and
-dO: 64 registers per thread each at 32-row tiles and BLOCK_D 128). That is not the whole story, measured:
-  * Laying the score products out on their own ([2, 4] warps, through tl.trans boundaries, which Triton's chain
-    analysis stops at) raised the spills (more layout conversions, each with its own hoisted shared-memory
-    addresses); so did accumulating dQ / dK / dV transposed.
-  * Each kernel runs four key / query loops per item (prefix keys, saturated high, band, saturated low). The
-    loop-invariant values of all of them (tile offsets, conversion addresses) are hoisted to the kernel's start
-    and stay live throughout: with only the band loop a 32 x 32 kernel spilled 28-608 bytes (by target and head
-    dim), with only the other three nothing (sm_80, BLOCK_D 128), with all four up to 788 (fp16, c2p + p2c, mask,
-    dropout, prefix keys).
-  * The dropout mask (Philox per element of the replicated [1, 8] score layout) is what tips the 16 x 16
-    query-stationary kernel over: without dropout it spills nothing.
-What lowered the spills: 16 x 16 tiles with 8 warps (``attention_tiles``; the bounds measured are in
-KNOWN_SPILL_CEILINGS), HEAD_DIM specialised with the tile base's row scaled after the opaque offset (16-byte
-vector loads; fewer spills summed over the targets at 16 x 16 than unspecialised, not on every one), and the p2c
-window product taken as K Pq^T, gathered, transposed (its left operand is then the [BN, BD] key tile, not the
-[WIN, BD] table window). What still spills (dQ 40-52 bytes, dK/dV <= 72, by target) are values kept across the
-item loop: in the SASS every spill store precedes it and every spill load sits in its body, outside the tile loops
-(CI holds both, KNOWN_SPILL_CEILINGS in deberta_fast/benchmark/triton_compile.py). Measured in the largest-live-set
-branch (fp16, dQ on sm_80 / 90 / 100 / 120, now 40 / 52 / 48 / 48 bytes) and not taken: parking the band's dS per
-program behind its partial and taking both c2p terms of the band (dQ's and the table gradient) per distance window
-after the band: 12 / 12 / 4 / 8, not zero, for a new [programs, BLOCK_M, band] buffer; that plus one merged saturated
-loop: 8 / 52 / 0 / 0; reloading Q and dO per band tile: 24 / 64 / 36 / 32; the table / partial bases recomputed per
-item: 24 / 52 / 44 / 56; K, V and the table windows loaded transposed instead of tl.trans: 28 / 120 / 72 / 56. At 255
-registers the allocator's outcome swings by tens of bytes with small changes; spill-free on every target needs a
-clearly smaller live set. Without the c2p table-gradient step in its band loop (and nothing after it) the dQ kernel
-spills nothing (244-255 registers).
+Register pressure (ptxas -v, compile-only; python -m deberta_fast.benchmark.triton_compile). With 16 x 16 tiles
+and 8 warps (``attention_tiles``) both kernels spill nothing on sm_80 / 90 / 100 / 120 in every fp16 / bf16 branch
+of the compile layer, at 232-255 registers in the branch with the largest live set (c2p + p2c, token mask,
+dropout, prefix keys, head dim 128): CI fails on any spill. Little is spare. Triton gives every ``tl.dot`` linked
+to another one in a loop body the MMA warp layout of one of them, [1, num_warps] here (the [BLOCK_M, BLOCK_D]
+gradient accumulators), so each warp holds the whole left operand of the score products (Q and dO: 32 registers
+per thread each at BLOCK_D 128). What freed the last registers was address arithmetic, measured in that branch
+(spill bytes of dQ and of dK / dV on sm_80 / 90 / 100 / 120):
+  * before: dQ 40 / 52 / 48 / 48, dK / dV 0 / 40 / 24 / 72; the spilled values were addresses and offsets LLVM
+    had hoisted out of the item loop (64-bit pointers, the sign words of int32 strides widened to 64 bits);
+  * products of non-negative int32 indices and strides zero-extended (``wide``): dQ 8 / 36 / 12 / 40;
+  * every address derived per item from the int32 indices (``per_iteration``, an asm move LLVM may not hoist,
+    keeps the derivation in the loop body): dQ 8 / 28 / 4 / 32, dK / dV 0 / 20 / 36 / 56;
+  * and again per tile inside the key / query ranges (``_dq_item_bases``, ``_dkv_item_bases``), the partial
+    addressed through its virtual slot-0 row, the saturated row's slot derived per range: 0 everywhere.
+The price is integer work per tile: the band loop body has 7% (dQ) and 10% (dK / dV) more SASS instructions than
+before, the saturated loops 9-12% (sm_90, that branch; most of it the division of the program index by H), not yet
+timed on a GPU. Cheaper variants (no
+division per tile; K / V / mask bases per range rather than per tile) had 3-4% more instructions but spilled
+4-20 bytes in one branch (sm_90, head dim 80, no dropout), so they were not taken; nor were key-major scores in
+the dK / dV kernel (S^T = K Q^T, so that K is only ever a left operand): 8-24 bytes of spills on every target and
+a band loop 24% longer. Measured earlier, all before the address work: laying the score products out on their own
+([2, 4] warps through tl.trans boundaries) or accumulating dQ / dK / dV transposed raised the spills; 32 x 32
+tiles spilled 84-788 bytes, 32 x 16 / 16 x 32 more than 16 x 16; HEAD_DIM is specialised so that [rows, BLOCK_D]
+loads are 16-byte vectors; the p2c window product is taken as K Pq^T, gathered, transposed (its left operand is
+then the [BN, BD] key tile, not the [WIN, BD] table window).
 """
 
 from __future__ import annotations
@@ -76,36 +73,41 @@ from ._common import (
     masked_scores,
     mm,
     opaque_offset,
+    per_iteration,
     position_constants,
     reachable_slots,
     register_cap,
     table_strides,
     window_size,
     window_slots,
+    wide,
 )
 from .attention_tiles import attention_tiles
 
 
 @triton.jit
-def _add_rows_to_partial(part_base, slot_rows, ok, val, SLOT_LO, BLOCK_D: tl.constexpr):
-    """partial[slot_rows - SLOT_LO, :] += val for distinct slot_rows (ok masks rows outside the partial).
+def _add_rows_to_partial(part_slot0, slot_rows, ok, val, BLOCK_D: tl.constexpr):
+    """partial[slot_rows - SLOT_LO, :] += val for distinct slot_rows (ok masks rows outside the partial);
+    part_slot0 points at the partial's (virtual) slot-0 row.
 
     Only this program touches its partial; the barrier orders this store before the next tile's load.
     """
     dcol = tl.arange(0, BLOCK_D)
-    ptrs = part_base + (slot_rows - SLOT_LO)[:, None].to(tl.int64) * BLOCK_D + dcol[None, :]
+    ptrs = part_slot0 + (slot_rows * BLOCK_D)[:, None] + dcol[None, :]
     old = tl.load(ptrs, mask=ok[:, None], other=0.0, volatile=True)
     tl.store(ptrs, old + val, mask=ok[:, None])
     tl.debug_barrier()
 
 
 @triton.jit
-def _add_vec_to_partial(part_base, slot, val, SLOT_LO, SLOT_HI, BLOCK_D: tl.constexpr):
+def _add_vec_to_partial(part_slot0, slot, val, SLOT_LO, SLOT_HI, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
     """partial[slot - SLOT_LO, :] += val (skipped when the slot lies outside the partial)."""
     dcol = tl.arange(0, BLOCK_D)
-    row = slot + dcol * 0
+    # slot is often loop-invariant (a saturated row); per_iteration keeps part_slot0 + its offset from being
+    # hoisted out of the item loop as one more 64-bit pointer.
+    row = per_iteration(slot, INTERPRET) + dcol * 0
     ok = (row >= SLOT_LO) & (row <= SLOT_HI)
-    ptrs = part_base + (row - SLOT_LO).to(tl.int64) * BLOCK_D + dcol
+    ptrs = part_slot0 + row * BLOCK_D + dcol
     old = tl.load(ptrs, mask=ok, other=0.0, volatile=True)
     tl.store(ptrs, old + val, mask=ok)
     tl.debug_barrier()
@@ -140,9 +142,39 @@ def _fold_onto_slots(dwin, slots, WIN: tl.constexpr, PREC: tl.constexpr, AXIS: t
 
 
 @triton.jit
+def _item_tables(PK, spkb, spkh, PQ, spqb, spqh, PART, g, NUM_GROUPS, b, tb_h, H, SLOT_LO, SLOT_HI,
+                 BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
+    """(b, h as int64, Pk rows, Pq rows, partial) of batch b in program (g, tb_h = table batch · H + head).
+
+    Called where the pointers are used, per tile (``_dq_item_bases``, ``_dkv_item_bases``): 64-bit pointers held
+    across the tile loops cost two registers each where the live set peaks (and spilled). The int32 inputs pass
+    through ``per_iteration`` so that LLVM cannot hoist the derivation back out of the loop; products are
+    zero-extended (``wide``). The partial pointer is that of its virtual slot-0 row (the partial holds rows
+    SLOT_LO..SLOT_HI), so no ``- SLOT_LO`` offset is kept.
+    """
+    b = wide(per_iteration(b, INTERPRET))
+    tb_h = per_iteration(tb_h, INTERPRET)
+    h = wide(tb_h % H)
+    tb = wide(tb_h // H)
+    part = PART + ((tb_h * NUM_GROUPS + per_iteration(g, INTERPRET)) * (SLOT_HI - SLOT_LO + 1)
+                   - per_iteration(SLOT_LO, INTERPRET)).to(tl.int64) * BLOCK_D
+    return b, h, PK + tb * wide(spkb) + h * wide(spkh), PQ + tb * wide(spqb) + h * wide(spqh), part
+
+
+@triton.jit
+def _dq_item_bases(K, skb, skh, V, svb, svh, PK, spkb, spkh, PQ, spqb, spqh, MASK, smb, PART, g, NUM_GROUPS, b, tb_h,
+                   H, SLOT_LO, SLOT_HI, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
+    """(K, V, Pk, Pq, mask, partial) base pointers of batch b in program (g, tb_h); see ``_item_tables``."""
+    b, h, pk, pq, part = _item_tables(PK, spkb, spkh, PQ, spqb, spqh, PART, g, NUM_GROUPS, b, tb_h, H, SLOT_LO,
+                                      SLOT_HI, BLOCK_D, INTERPRET)
+    return K + b * wide(skb) + h * wide(skh), V + b * wide(svb) + h * wide(svh), pk, pq, MASK + b * wide(smb), part
+
+
+@triton.jit
 def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, bh, seed,
-                      k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
-                      part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
+                      K, skb, skh, skl, skd, V, svb, svh, svl, svd, PK, spkb, spkh, spks, spkd,
+                      PQ, spqb, spqh, spqs, spqd, MASK, smb, sml, PART, g, NUM_GROUPS, b, tb_h, H,
+                      dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                       SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep,
                       MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr,
                       HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
@@ -150,6 +182,9 @@ def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, 
     """dq += the content key tiles [t_start, t_stop) of query block m0, all in one MODE; their c2p gradient goes to
     the partial. The saturated table rows are read here, per range, so no BLOCK_D-wide vector stays live in the
     kernel across the band range, where the register pressure peaks."""
+    k_base, v_base, pk_base, pq_base, mask_base, part_base = _dq_item_bases(
+        K, skb, skh, V, svb, svh, PK, spkb, spkh, PQ, spqb, spqh, MASK, smb, PART, g, NUM_GROUPS, b, tb_h, H,
+        SLOT_LO, SLOT_HI, BLOCK_D, INTERPRET)
     if MODE == MODE_WINDOW:
         rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
         # dC[a, w] = dS[a, b] with b = a + BN - 1 - w: the inverse of the forward gather, itself a gather.
@@ -168,14 +203,17 @@ def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, 
             pq_sat = load_vec(pq_base + sat_slot * spqs, spqd, HEAD_DIM, BLOCK_D)
     rs = tl.zeros([BLOCK_M], tl.float32)
     for t in range(t_start, t_stop):
+        k_base, v_base, pk_base, pq_base, mask_base, part_base = _dq_item_bases(
+            K, skb, skh, V, svb, svh, PK, spkb, spkh, PQ, spqb, spqh, MASK, smb, PART, g, NUM_GROUPS, b, tb_h, H,
+            SLOT_LO, SLOT_HI, BLOCK_D, INTERPRET)
         n0 = t * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)
         # 32-bit bound against the scalar L - n0, tile base + int32 offsets: see the forward's content loop.
         col_in = tl.arange(0, BLOCK_N) < L - n0
-        k = load_tile(k_base, P + n0, P + L, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
-        v = load_tile(v_base, P + n0, P + L, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
+        k = load_tile(k_base, P + n0, P + L, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET, True)
+        v = load_tile(v_base, P + n0, P + L, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET, True)
         if HAS_MASK:
-            mask_tile = mask_base + opaque_offset(tl.cast(n0, tl.int64) * sml, INTERPRET)
+            mask_tile = mask_base + opaque_offset(wide(n0) * wide(sml), INTERPRET)
             col_ok = (tl.load(mask_tile + tl.arange(0, BLOCK_N) * sml, mask=col_in, other=0) != 0) & col_in
         else:
             col_ok = col_in
@@ -212,17 +250,20 @@ def _dq_content_range(dq, q, do, lse, delta, t_start, t_stop, m0, rows, row_ok, 
                 dpk = mm(tl.trans(dcu.to(q.dtype)), q, PREC)
                 urows = smin + tl.arange(0, WIN)
                 _add_rows_to_partial(part_base, urows, (urows <= smax) & (urows >= SLOT_LO) & (urows <= SLOT_HI),
-                                     dpk, SLOT_LO, BLOCK_D)
+                                     dpk, BLOCK_D)
             else:
                 rs += tl.sum(ds, 1)
     if MODE != MODE_WINDOW:
         if HAS_C2P:
             if t_stop > t_start:
+                k_base, v_base, pk_base, pq_base, mask_base, part_base = _dq_item_bases(
+                    K, skb, skh, V, svb, svh, PK, spkb, spkh, PQ, spqb, spqh, MASK, smb, PART, g, NUM_GROUPS, b,
+                    tb_h, H, SLOT_LO, SLOT_HI, BLOCK_D, INTERPRET)
                 # Saturated tiles: dQ_i += (Σ_k dS_ik) Pk[slot], dPk[slot] += Σ_i (Σ_k dS_ik) Q_i.
                 pk_sat = load_vec(pk_base + sat_slot * spks, spkd, HEAD_DIM, BLOCK_D)
                 dq += rs[:, None] * pk_sat[None, :]
                 _add_vec_to_partial(part_base, sat_slot, tl.sum(rs[:, None] * q.to(tl.float32), 0), SLOT_LO,
-                                    SLOT_HI, BLOCK_D)
+                                    SLOT_HI, BLOCK_D, INTERPRET)
     return dq
 
 
@@ -241,12 +282,7 @@ def _disentangled_bwd_dq_kernel(
 ):
     g = tl.program_id(0)
     tb_h = tl.program_id(1)  # (table batch, head)
-    tb = (tb_h // H).to(tl.int64)
-    h = (tb_h % H).to(tl.int64)
     dcol = tl.arange(0, BLOCK_D)
-    pk_base = PK + tb * spkb + h * spkh
-    pq_base = PQ + tb * spqb + h * spqh
-    part_base = PART + (tb_h.to(tl.int64) * NUM_GROUPS + g) * (SLOT_HI - SLOT_LO + 1) * BLOCK_D
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -254,20 +290,26 @@ def _disentangled_bwd_dq_kernel(
 
     n_mblocks = tl.cdiv(L, BLOCK_M)
     for item in range(g, B_PER_TABLE * n_mblocks, NUM_GROUPS):
-        b = tb * B_PER_TABLE + item // n_mblocks
+        # Addresses are derived per item (and per tile inside the ranges: ``_dq_item_bases``) from the int32
+        # indices b and tb_h; see the module docstring.
+        tb_h_item = per_iteration(tb_h, INTERPRET)
+        h = wide(tb_h_item % H)
+        b32 = (tb_h_item // H) * B_PER_TABLE + item // n_mblocks
+        b = wide(b32)
         bh = (b * H + h).to(tl.int32)
         m0 = (item % n_mblocks) * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
         row_in = tl.arange(0, BLOCK_M) < L - m0
-        q = load_tile(Q + b * sqb + h * sqh, m0, L, sql, sqd, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
-        do = load_tile(DOUT + b * sdob + h * sdoh, m0, L, sdol, sdod, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
-        o = load_tile(OUT + b * sob + h * soh, m0, L, sol, sod, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
+        q = load_tile(Q + b * wide(sqb) + h * wide(sqh), m0, L, sql, sqd, dcol, HEAD_DIM, BLOCK_M, INTERPRET, True)
+        do = load_tile(DOUT + b * wide(sdob) + h * wide(sdoh), m0, L, sdol, sdod, dcol, HEAD_DIM, BLOCK_M, INTERPRET,
+                       True)
+        o = load_tile(OUT + b * wide(sob) + h * wide(soh), m0, L, sol, sod, dcol, HEAD_DIM, BLOCK_M, INTERPRET, True)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + (b * H + h) * L + rows, delta, mask=row_in)
         lse = tl.load(LSE + (b * H + h) * L + rows, mask=row_in, other=float("inf"))
-        k_base = K + b * skb + h * skh
-        v_base = V + b * svb + h * svh
-        mask_base = MASK + b * smb
+        k_base = K + b * wide(skb) + h * wide(skh)
+        v_base = V + b * wide(svb) + h * wide(svh)
+        mask_base = MASK + b * wide(smb)
         if HAS_MASK:
             row_ok = (tl.load(mask_base + rows * sml, mask=row_in, other=0) != 0) & row_in
         else:
@@ -277,8 +319,8 @@ def _disentangled_bwd_dq_kernel(
         for n0 in range(0, P, BLOCK_N):
             kc = n0 + tl.arange(0, BLOCK_N)
             k_in = tl.arange(0, BLOCK_N) < P - n0
-            k = load_tile(k_base, n0, P, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
-            v = load_tile(v_base, n0, P, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
+            k = load_tile(k_base, n0, P, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET, True)
+            v = load_tile(v_base, n0, P, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET, True)
             valid = row_in[:, None] & k_in[None, :]
             p = tl.math.exp2(tl.where(valid, mm(q, tl.trans(k), PREC) * qk_scale, float("-inf")) - lse[:, None])
             dp = mm(do, tl.trans(v), PREC)
@@ -291,23 +333,26 @@ def _disentangled_bwd_dq_kernel(
         n_hi, t_lo, n_tiles = content_tile_ranges(m0, L, SAT_HI, SAT_LO, HAS_POS, BLOCK_M, BLOCK_N)
         dq = _dq_content_range(
             dq, q, do, lse, delta, 0, n_hi, m0, rows, row_ok, bh, seed,
-            k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
-            part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
+            K, skb, skh, skl, skd, V, svb, svh, svl, svd, PK, spkb, spkh, spks, spkd,
+            PQ, spqb, spqh, spqs, spqd, MASK, smb, sml, PART, g, NUM_GROUPS, b32, tb_h, H,
+            dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_HI, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
             DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
         dq = _dq_content_range(
             dq, q, do, lse, delta, n_hi, t_lo, m0, rows, row_ok, bh, seed,
-            k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
-            part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
+            K, skb, skh, skl, skd, V, svb, svh, svl, svd, PK, spkb, spkh, spks, spkd,
+            PQ, spqb, spqh, spqs, spqd, MASK, smb, sml, PART, g, NUM_GROUPS, b32, tb_h, H,
+            dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_WINDOW, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
             DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
         dq = _dq_content_range(
             dq, q, do, lse, delta, t_lo, n_tiles, m0, rows, row_ok, bh, seed,
-            k_base, skl, skd, v_base, svl, svd, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
-            part_base, dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
+            K, skb, skh, skl, skd, V, svb, svh, svl, svd, PK, spkb, spkh, spks, spkd,
+            PQ, spqb, spqh, spqs, spqd, MASK, smb, sml, PART, g, NUM_GROUPS, b32, tb_h, H,
+            dcol, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
             qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_LO, HAS_C2P, HAS_P2C, BUCKETED, HAS_MASK,
             DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
-        dq_ptrs = DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdql + dcol[None, :] * sdqd
+        dq_ptrs = DQ + b * wide(sdqb) + h * wide(sdqh) + rows[:, None].to(tl.int64) * sdql + dcol[None, :] * sdqd
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_in[:, None] & (dcol[None, :] < HEAD_DIM))
 
 
@@ -318,9 +363,21 @@ def _disentangled_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, b, h, bh, seed,
-                       q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd,
-                       mask_base, sml, LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM,
+def _dkv_item_bases(Q, sqb, sqh, DOUT, sdob, sdoh, PK, spkb, spkh, PQ, spqb, spqh, MASK, smb, PART, g, NUM_GROUPS,
+                    b, tb_h, H, L, SLOT_LO, SLOT_HI, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
+    """(Q, dO, Pk, Pq, mask, partial) base pointers of batch b in program (g, tb_h) and the offset of (b, h)'s
+    row 0 in LSE / DELTA; see ``_item_tables``."""
+    b, h, pk, pq, part = _item_tables(PK, spkb, spkh, PQ, spqb, spqh, PART, g, NUM_GROUPS, b, tb_h, H, SLOT_LO,
+                                      SLOT_HI, BLOCK_D, INTERPRET)
+    return (Q + b * wide(sqb) + h * wide(sqh), DOUT + b * wide(sdob) + h * wide(sdoh), pk, pq, MASK + b * wide(smb),
+            part, (b * wide(H) + h) * wide(L))
+
+
+@triton.jit
+def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, bh, seed,
+                       Q, sqb, sqh, sql, sqd, DOUT, sdob, sdoh, sdol, sdod, PK, spkb, spkh, spks, spkd,
+                       PQ, spqb, spqh, spqs, spqd, MASK, smb, sml, PART, g, NUM_GROUPS, b, tb_h,
+                       LSE, DELTA, dcol, H, L, P, HEAD_DIM,
                        S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN, SLOT_LO, SLOT_HI,
                        qk_scale, softmax_scale, dropout_p, inv_keep,
                        MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BUCKETED: tl.constexpr,
@@ -328,6 +385,9 @@ def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, 
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIN: tl.constexpr):
     """dk, dv += the query tiles [t_start, t_stop) of content key block n0, all in one MODE; their p2c gradient goes
     to the partial. The saturated table rows are read here, per range (see ``_dq_content_range``)."""
+    q_base, do_base, pk_base, pq_base, mask_base, part_base, row_base = _dkv_item_bases(
+        Q, sqb, sqh, DOUT, sdob, sdoh, PK, spkb, spkh, PQ, spqb, spqh, MASK, smb, PART, g, NUM_GROUPS, b, tb_h, H,
+        L, SLOT_LO, SLOT_HI, BLOCK_D, INTERPRET)
     if MODE == MODE_WINDOW:
         rel = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
         # dP[w, b] = dS[a, b] with a = w + b - (BN - 1): the inverse of the forward gather along axis 0.
@@ -346,17 +406,20 @@ def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, 
             pk_sat = load_vec(pk_base + sat_slot * spks, spkd, HEAD_DIM, BLOCK_D)
     cs = tl.zeros([BLOCK_N], tl.float32)
     for t in range(t_start, t_stop):
+        q_base, do_base, pk_base, pq_base, mask_base, part_base, row_base = _dkv_item_bases(
+            Q, sqb, sqh, DOUT, sdob, sdoh, PK, spkb, spkh, PQ, spqb, spqh, MASK, smb, PART, g, NUM_GROUPS, b, tb_h,
+            H, L, SLOT_LO, SLOT_HI, BLOCK_D, INTERPRET)
         m0 = t * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
         # 32-bit bound against the scalar L - m0, tile base + int32 offsets: see the forward's content loop.
         row_in = tl.arange(0, BLOCK_M) < L - m0
-        q = load_tile(q_base, m0, L, sql, sqd, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
-        do = load_tile(do_base, m0, L, sdol, sdod, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
-        row_vec = opaque_offset(tl.cast(bh, tl.int64) * L + m0, INTERPRET)
+        q = load_tile(q_base, m0, L, sql, sqd, dcol, HEAD_DIM, BLOCK_M, INTERPRET, True)
+        do = load_tile(do_base, m0, L, sdol, sdod, dcol, HEAD_DIM, BLOCK_M, INTERPRET, True)
+        row_vec = row_base + m0
         lse = tl.load(LSE + row_vec + tl.arange(0, BLOCK_M), mask=row_in, other=float("inf"))
         delta = tl.load(DELTA + row_vec + tl.arange(0, BLOCK_M), mask=row_in, other=0.0)
         if HAS_MASK:
-            mask_tile = mask_base + opaque_offset(tl.cast(m0, tl.int64) * sml, INTERPRET)
+            mask_tile = mask_base + opaque_offset(wide(m0) * wide(sml), INTERPRET)
             row_ok = (tl.load(mask_tile + tl.arange(0, BLOCK_M) * sml, mask=row_in, other=0) != 0) & row_in
         else:
             row_ok = row_in
@@ -396,17 +459,20 @@ def _dkv_content_range(dk, dv, k, v, t_start, t_stop, n0, cols, col_ok, col_in, 
                 urows = smin + tl.arange(0, WIN)
                 dpq = mm(dpu.to(k.dtype), k, PREC)
                 _add_rows_to_partial(part_base, urows, (urows <= smax) & (urows >= SLOT_LO) & (urows <= SLOT_HI),
-                                     dpq, SLOT_LO, BLOCK_D)
+                                     dpq, BLOCK_D)
             else:
                 cs += tl.sum(ds, 0)
     if MODE != MODE_WINDOW:
         if HAS_P2C:
             if t_stop > t_start:
+                q_base, do_base, pk_base, pq_base, mask_base, part_base, row_base = _dkv_item_bases(
+                    Q, sqb, sqh, DOUT, sdob, sdoh, PK, spkb, spkh, PQ, spqb, spqh, MASK, smb, PART, g, NUM_GROUPS,
+                    b, tb_h, H, L, SLOT_LO, SLOT_HI, BLOCK_D, INTERPRET)
                 # Saturated tiles: dK_k += (Σ_i dS_ik) Pq[slot], dPq[slot] += Σ_k (Σ_i dS_ik) K_k.
                 pq_sat = load_vec(pq_base + sat_slot * spqs, spqd, HEAD_DIM, BLOCK_D)
                 dk += cs[:, None] * pq_sat[None, :]
                 _add_vec_to_partial(part_base, sat_slot, tl.sum(cs[:, None] * k.to(tl.float32), 0), SLOT_LO,
-                                    SLOT_HI, BLOCK_D)
+                                    SLOT_HI, BLOCK_D, INTERPRET)
     return dk, dv
 
 
@@ -425,12 +491,7 @@ def _disentangled_bwd_dkv_kernel(
 ):
     g = tl.program_id(0)
     tb_h = tl.program_id(1)
-    tb = (tb_h // H).to(tl.int64)
-    h = (tb_h % H).to(tl.int64)
     dcol = tl.arange(0, BLOCK_D)
-    pk_base = PK + tb * spkb + h * spkh
-    pq_base = PQ + tb * spqb + h * spqh
-    part_base = PART + (tb_h.to(tl.int64) * NUM_GROUPS + g) * (SLOT_HI - SLOT_LO + 1) * BLOCK_D
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -440,12 +501,17 @@ def _disentangled_bwd_dkv_kernel(
     n_blocks = n_prefix_blocks + tl.cdiv(L, BLOCK_N)
     n_mtiles = tl.cdiv(L, BLOCK_M)
     for item in range(g, B_PER_TABLE * n_blocks, NUM_GROUPS):
-        b = tb * B_PER_TABLE + item // n_blocks
+        # Addresses are derived per item (and per tile inside the ranges: ``_dq_item_bases``) from the int32
+        # indices b and tb_h; see the module docstring.
+        tb_h_item = per_iteration(tb_h, INTERPRET)
+        h = wide(tb_h_item % H)
+        b32 = (tb_h_item // H) * B_PER_TABLE + item // n_blocks
+        b = wide(b32)
         bh = (b * H + h).to(tl.int32)
         blk = item % n_blocks
-        q_base = Q + b * sqb + h * sqh
-        do_base = DOUT + b * sdob + h * sdoh
-        mask_base = MASK + b * smb
+        q_base = Q + b * wide(sqb) + h * wide(sqh)
+        do_base = DOUT + b * wide(sdob) + h * wide(sdoh)
+        mask_base = MASK + b * wide(smb)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         is_prefix = blk < n_prefix_blocks
@@ -455,16 +521,18 @@ def _disentangled_bwd_dkv_kernel(
         k_first = tl.where(is_prefix, blk * BLOCK_N, P + n0)
         k_stop = tl.where(is_prefix, P, P + L)
         k_in = tl.arange(0, BLOCK_N) < k_stop - k_first
-        k = load_tile(K + b * skb + h * skh, k_first, k_stop, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
-        v = load_tile(V + b * svb + h * svh, k_first, k_stop, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
+        k = load_tile(K + b * wide(skb) + h * wide(skh), k_first, k_stop, skl, skd, dcol, HEAD_DIM, BLOCK_N,
+                      INTERPRET, True)
+        v = load_tile(V + b * wide(svb) + h * wide(svh), k_first, k_stop, svl, svd, dcol, HEAD_DIM, BLOCK_N,
+                      INTERPRET, True)
         if is_prefix:
             for t in range(0, n_mtiles):
                 m0 = t * BLOCK_M
                 rows = m0 + tl.arange(0, BLOCK_M)
                 row_in = tl.arange(0, BLOCK_M) < L - m0
-                q = load_tile(q_base, m0, L, sql, sqd, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
-                do = load_tile(do_base, m0, L, sdol, sdod, dcol, HEAD_DIM, BLOCK_M, INTERPRET)
-                row_vec = opaque_offset(tl.cast(bh, tl.int64) * L + m0, INTERPRET)
+                q = load_tile(q_base, m0, L, sql, sqd, dcol, HEAD_DIM, BLOCK_M, INTERPRET, True)
+                do = load_tile(do_base, m0, L, sdol, sdod, dcol, HEAD_DIM, BLOCK_M, INTERPRET, True)
+                row_vec = opaque_offset(wide(bh) * wide(L) + m0, INTERPRET)
                 lse = tl.load(LSE + row_vec + tl.arange(0, BLOCK_M), mask=row_in, other=float("inf"))
                 delta = tl.load(DELTA + row_vec + tl.arange(0, BLOCK_M), mask=row_in, other=0.0)
                 valid = row_in[:, None] & k_in[None, :]
@@ -496,27 +564,30 @@ def _disentangled_bwd_dkv_kernel(
                 c_lo = n_mtiles * 0
                 c_hi = n_mtiles
             dk, dv = _dkv_content_range(
-                dk, dv, k, v, 0, c_lo, n0, cols, col_ok, k_in, b, h, bh, seed,
-                q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
-                LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
+                dk, dv, k, v, 0, c_lo, n0, cols, col_ok, k_in, bh, seed,
+                Q, sqb, sqh, sql, sqd, DOUT, sdob, sdoh, sdol, sdod, PK, spkb, spkh, spks, spkd,
+                PQ, spqb, spqh, spqs, spqd, MASK, smb, sml, PART, g, NUM_GROUPS, b32, tb_h,
+                LSE, DELTA, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_LO, HAS_C2P, HAS_P2C,
                 BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
             dk, dv = _dkv_content_range(
-                dk, dv, k, v, c_lo, c_hi, n0, cols, col_ok, k_in, b, h, bh, seed,
-                q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
-                LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
+                dk, dv, k, v, c_lo, c_hi, n0, cols, col_ok, k_in, bh, seed,
+                Q, sqb, sqh, sql, sqd, DOUT, sdob, sdoh, sdol, sdod, PK, spkb, spkh, spks, spkd,
+                PQ, spqb, spqh, spqs, spqd, MASK, smb, sml, PART, g, NUM_GROUPS, b32, tb_h,
+                LSE, DELTA, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_WINDOW, HAS_C2P, HAS_P2C,
                 BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
             dk, dv = _dkv_content_range(
-                dk, dv, k, v, c_hi, n_mtiles, n0, cols, col_ok, k_in, b, h, bh, seed,
-                q_base, sql, sqd, do_base, sdol, sdod, pk_base, spks, spkd, pq_base, spqs, spqd, mask_base, sml,
-                LSE, DELTA, part_base, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
+                dk, dv, k, v, c_hi, n_mtiles, n0, cols, col_ok, k_in, bh, seed,
+                Q, sqb, sqh, sql, sqd, DOUT, sdob, sdoh, sdol, sdod, PK, spkb, spkh, spks, spkd,
+                PQ, spqb, spqh, spqs, spqd, MASK, smb, sml, PART, g, NUM_GROUPS, b32, tb_h,
+                LSE, DELTA, dcol, H, L, P, HEAD_DIM, S, MID, MID_F, MID_M1_F, INV_MID, DEN, INV_DEN,
                 SLOT_LO, SLOT_HI, qk_scale, softmax_scale, dropout_p, inv_keep, MODE_SAT_HI, HAS_C2P, HAS_P2C,
                 BUCKETED, HAS_MASK, DROPOUT, INTERPRET, PREC, BLOCK_M, BLOCK_N, BLOCK_D, WIN)
         out_mask = k_in[:, None] & (dcol[None, :] < HEAD_DIM)
-        dk_ptrs = DK + b * sdkb + h * sdkh + kidx[:, None].to(tl.int64) * sdkl + dcol[None, :] * sdkd
+        dk_ptrs = DK + b * wide(sdkb) + h * wide(sdkh) + kidx[:, None].to(tl.int64) * sdkl + dcol[None, :] * sdkd
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_mask)
-        dv_ptrs = DV + b * sdvb + h * sdvh + kidx[:, None].to(tl.int64) * sdvl + dcol[None, :] * sdvd
+        dv_ptrs = DV + b * wide(sdvb) + h * wide(sdvh) + kidx[:, None].to(tl.int64) * sdvl + dcol[None, :] * sdvd
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
@@ -527,7 +598,7 @@ def _disentangled_bwd_dkv_kernel(
 
 
 def backward_config(length: int, head_dim: int, interpret: bool, dtype: torch.dtype = torch.float16) -> dict:
-    """Tile sizes: the tuned table's entry, else 16 x 16 tiles, 8 warps (the fewest register spills measured) and
+    """Tile sizes: the tuned table's entry, else 16 x 16 tiles, 8 warps (the one shape measured spill-free) and
     one pipeline stage (the partial read-modify-write of a tile must not be prefetched before the previous tile's
     store); see ``attention_tiles``. The interpreter takes 64 x 64 tiles (fewer Python-level steps); the tests
     cover 16, 32 and 64."""

@@ -119,8 +119,8 @@ def _fwd_content_range(acc, m_i, l_i, q, t_start, t_stop, m0, rows, row_ok, bh, 
         # As `cols < L`, but against the scalar L - n0: LLVM widened `n0 + j < L` to 64 bits with one hoisted
         # 64-bit bound per column (kept across the loop, spilled).
         col_in = tl.arange(0, BLOCK_N) < L - n0
-        k = load_tile(k_base, P + n0, P + L, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
-        v = load_tile(v_base, P + n0, P + L, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
+        k = load_tile(k_base, P + n0, P + L, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET, False)
+        v = load_tile(v_base, P + n0, P + L, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET, False)
         if HAS_MASK:
             mask_tile = mask_base + opaque_offset(tl.cast(n0, tl.int64) * sml, INTERPRET)
             col_ok = (tl.load(mask_tile + tl.arange(0, BLOCK_N) * sml, mask=col_in, other=0) != 0) & col_in
@@ -178,8 +178,8 @@ def _disentangled_fwd_kernel(
     for n0 in range(0, P, BLOCK_N):
         kc = n0 + tl.arange(0, BLOCK_N)
         k_in = tl.arange(0, BLOCK_N) < P - n0
-        k = load_tile(k_base, n0, P, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
-        v = load_tile(v_base, n0, P, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET)
+        k = load_tile(k_base, n0, P, skl, skd, dcol, HEAD_DIM, BLOCK_N, INTERPRET, False)
+        v = load_tile(v_base, n0, P, svl, svd, dcol, HEAD_DIM, BLOCK_N, INTERPRET, False)
         s = tl.where(k_in[None, :], mm(q, tl.trans(k), PREC) * qk_scale, float("-inf"))
         m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, seed, bh, rows, kc, dropout_p, inv_keep, DROPOUT, PREC)
 
