@@ -32,19 +32,20 @@ per thread each at BLOCK_D 128). What freed the last registers was address arith
   * products of non-negative int32 indices and strides zero-extended (``wide``): dQ 8 / 36 / 12 / 40;
   * every address derived per item from the int32 indices (``per_iteration``, an asm move LLVM may not hoist,
     keeps the derivation in the loop body): dQ 8 / 28 / 4 / 32, dK / dV 0 / 20 / 36 / 56;
-  * and again per tile inside the key / query ranges (``_dq_item_bases``, ``_dkv_item_bases``), the partial
-    addressed through its virtual slot-0 row, the saturated row's slot derived per range: 0 everywhere.
+  * and again per tile inside the key / query ranges (``_item_tables``), the partial addressed through its
+    virtual slot-0 row, a saturated row's partial offset derived where it is added: 0 everywhere.
 The price is integer work per tile: the band loop body has 7% (dQ) and 10% (dK / dV) more SASS instructions than
 before, the saturated loops 9-12% (sm_90, that branch; most of it the division of the program index by H), not yet
-timed on a GPU. Cheaper variants (no
-division per tile; K / V / mask bases per range rather than per tile) had 3-4% more instructions but spilled
-4-20 bytes in one branch (sm_90, head dim 80, no dropout), so they were not taken; nor were key-major scores in
-the dK / dV kernel (S^T = K Q^T, so that K is only ever a left operand): 8-24 bytes of spills on every target and
-a band loop 24% longer. Measured earlier, all before the address work: laying the score products out on their own
-([2, 4] warps through tl.trans boundaries) or accumulating dQ / dK / dV transposed raised the spills; 32 x 32
-tiles spilled 84-788 bytes, 32 x 16 / 16 x 32 more than 16 x 16; HEAD_DIM is specialised so that [rows, BLOCK_D]
-loads are 16-byte vectors; the p2c window product is taken as K Pq^T, gathered, transposed (its left operand is
-then the [BN, BD] key tile, not the [WIN, BD] table window).
+timed on a GPU. Cheaper variants (no division per tile; K / V / mask bases per range rather than per tile) had 3-4%
+more instructions but spilled 4-20 bytes in one branch (sm_90, head dim 80, no dropout), so they were not taken;
+nor were key-major scores in the dK / dV kernel (S^T = K Q^T, so that K is only ever a left operand): 8-24 bytes of
+spills on every target and a band loop 24% longer. Measured earlier, all before the address work: laying the score
+products out on their own ([2, 4] warps through tl.trans boundaries) or accumulating dQ / dK / dV transposed raised
+the spills; 32 x 32 tiles spilled 84-788 bytes, 32 x 16 / 16 x 32 more than 16 x 16; parking the band's dS and
+taking the c2p terms after the band, reloading Q and dO per band tile, or loading K, V and the table windows
+transposed left dQ spilling on at least two targets. Kept from then: HEAD_DIM is specialised so that
+[rows, BLOCK_D] loads are 16-byte vectors, and the p2c window product is taken as K Pq^T, gathered, transposed (its
+left operand is then the [BN, BD] key tile, not the [WIN, BD] table window).
 """
 
 from __future__ import annotations
