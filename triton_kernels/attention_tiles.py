@@ -9,9 +9,9 @@ production would use.
 
 Defaults (no entry), from the compile-only evidence (registers, spills, shared memory per target; README "GPU
 readiness"): fp16/bf16 forward 32 x 32 tiles, 8 warps, 2 stages (3 on sm_100); backward 16 x 16 tiles, 8 warps,
-1 stage (both spill-free; see ``default_tiles``). Exact fp32 (FMA dots): forward 32 x 32
-up to BLOCK_D 64 and 16 x 16 above, backward 16 x 16, 4 warps, 1 stage (64 x 64 fp32 tiles need 256 KiB of shared
-memory at BLOCK_D 128). Tiles never exceed the next power of two of the length (min 16).
+1 stage (both spill-free; see ``default_tiles``). Exact fp32 (FMA dots): forward 32 x 32 up to BLOCK_D 64 and
+16 x 16 above, backward 16 x 16, 4 warps, 1 stage (64 x 64 fp32 tiles need 256 KiB of shared memory at BLOCK_D
+128). Tiles never exceed the next power of two of the length (min 16).
 """
 
 from __future__ import annotations

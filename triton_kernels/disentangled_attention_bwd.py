@@ -308,9 +308,9 @@ def _disentangled_bwd_dq_kernel(
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + (b * H + h) * L + rows, delta, mask=row_in)
         lse = tl.load(LSE + (b * H + h) * L + rows, mask=row_in, other=float("inf"))
-        k_base = K + b * wide(skb) + h * wide(skh)
-        v_base = V + b * wide(svb) + h * wide(svh)
-        mask_base = MASK + b * wide(smb)
+        k_base, v_base, _, _, mask_base, _ = _dq_item_bases(
+            K, skb, skh, V, svb, svh, PK, spkb, spkh, PQ, spqb, spqh, MASK, smb, PART, g, NUM_GROUPS, b32, tb_h, H,
+            SLOT_LO, SLOT_HI, BLOCK_D, INTERPRET)
         if HAS_MASK:
             row_ok = (tl.load(mask_base + rows * sml, mask=row_in, other=0) != 0) & row_in
         else:
@@ -510,9 +510,9 @@ def _disentangled_bwd_dkv_kernel(
         b = wide(b32)
         bh = (b * H + h).to(tl.int32)
         blk = item % n_blocks
-        q_base = Q + b * wide(sqb) + h * wide(sqh)
-        do_base = DOUT + b * wide(sdob) + h * wide(sdoh)
-        mask_base = MASK + b * wide(smb)
+        q_base, do_base, _, _, mask_base, _, _ = _dkv_item_bases(
+            Q, sqb, sqh, DOUT, sdob, sdoh, PK, spkb, spkh, PQ, spqb, spqh, MASK, smb, PART, g, NUM_GROUPS, b32, tb_h,
+            H, L, SLOT_LO, SLOT_HI, BLOCK_D, INTERPRET)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         is_prefix = blk < n_prefix_blocks
